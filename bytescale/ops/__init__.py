@@ -1,0 +1,1 @@
+"""Pure array functions: no parameters, no Flax. Everything in bytescale's models is built from these."""
