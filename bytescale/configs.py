@@ -1,0 +1,273 @@
+"""Frozen, validated configuration dataclasses and named presets.
+
+Every config validates itself on construction: a bad value raises ``ConfigError`` naming the field and what
+would fix it. Configs nest (a model config holds ``TransformerConfig`` stacks); ``replace_path`` sets a field by
+dotted path (``global_stack.num_layers``) or by a bare name when that name is unique in the tree, which is
+what ``bytescale train --set field=value`` uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from typing import Any
+
+from bytescale.ops.rope import RopeConfig
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16")
+
+
+class ConfigError(ValueError):
+  """A configuration value is invalid; the message names the field and the fix."""
+
+
+def check(condition: bool, owner: str, field: str, message: str):
+  if not condition:
+    raise ConfigError(f"{owner}.{field}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """A stack of pre-norm decoder blocks (RMSNorm, attention with grouped KV heads and RoPE, SwiGLU)."""
+
+  d_model: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 16
+  mlp_hidden: int = 192
+  window: int | None = None  # sliding-window attention span (None = full causal)
+  rope: RopeConfig = dataclasses.field(default_factory=RopeConfig)
+  norm_eps: float = 1e-5
+  remat: str = "none"
+  scan_layers: bool = True
+  attention_impl: str = "auto"
+  dtype: str = "float32"  # compute dtype; parameters are always float32
+
+  def __post_init__(self):
+    name = "TransformerConfig"
+    for field in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_hidden"):
+      value = getattr(self, field)
+      check(isinstance(value, int) and value > 0, name, field, f"must be a positive integer, got {value!r}")
+    check(
+        self.num_heads % self.num_kv_heads == 0, name, "num_kv_heads",
+        f"must divide num_heads ({self.num_heads}), got {self.num_kv_heads}",
+    )
+    check(self.head_dim % 2 == 0, name, "head_dim", f"must be even for RoPE, got {self.head_dim}")
+    check(self.window is None or self.window > 0, name, "window", f"must be None or > 0, got {self.window}")
+    check(self.norm_eps > 0, name, "norm_eps", f"must be > 0, got {self.norm_eps}")
+    check(self.remat in REMAT_POLICIES, name, "remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    check(self.dtype in DTYPES, name, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
+    from bytescale.ops.attention import ATTENTION_IMPLS
+
+    check(
+        self.attention_impl in ATTENTION_IMPLS, name, "attention_impl",
+        f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}",
+    )
+
+  def num_params(self) -> int:
+    per_layer = (
+        2 * self.d_model  # norms
+        + self.d_model * self.head_dim * (self.num_heads * 2 + self.num_kv_heads * 2)
+        + 3 * self.d_model * self.mlp_hidden
+    )
+    return self.num_layers * per_layer
+
+
+@dataclasses.dataclass(frozen=True)
+class ByteLMConfig:
+  """The plain byte-level decoder-only transformer (the baseline every multiscale model is measured against)."""
+
+  stack: TransformerConfig = dataclasses.field(default_factory=TransformerConfig)
+  max_seq_len: int = 256
+  tie_embeddings: bool = False
+
+  def __post_init__(self):
+    check(self.max_seq_len > 0, "ByteLMConfig", "max_seq_len", f"must be > 0, got {self.max_seq_len}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation and bookkeeping for ``bytescale train``."""
+
+  steps: int = 200
+  batch_size: int = 8
+  seq_len: int = 256
+  learning_rate: float = 3e-3
+  warmup_steps: int = 20
+  min_lr_ratio: float = 0.1
+  weight_decay: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  grad_clip: float = 1.0
+  seed: int = 0
+  log_every: int = 10
+  eval_every: int = 0  # 0 = evaluate only at the end
+  eval_batches: int = 8
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  max_seconds: float | None = None
+
+  def __post_init__(self):
+    name = "TrainConfig"
+    for field in ("steps", "batch_size", "seq_len", "log_every", "eval_batches", "keep_checkpoints"):
+      value = getattr(self, field)
+      check(isinstance(value, int) and value > 0, name, field, f"must be a positive integer, got {value!r}")
+    check(self.learning_rate > 0, name, "learning_rate", f"must be > 0, got {self.learning_rate}")
+    check(0 <= self.warmup_steps, name, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+    check(0 <= self.min_lr_ratio <= 1, name, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+    check(self.grad_clip > 0, name, "grad_clip", f"must be > 0, got {self.grad_clip}")
+    check(0 < self.b1 < 1 and 0 < self.b2 < 1, name, "b1/b2", "must be in (0, 1)")
+    check(self.eval_every >= 0, name, "eval_every", "must be >= 0 (0 = only at the end)")
+    check(self.checkpoint_every >= 0, name, "checkpoint_every", "must be >= 0 (0 = only at the end)")
+    check(self.max_seconds is None or self.max_seconds > 0, name, "max_seconds", "must be None or > 0")
+
+
+# --- Presets ---------------------------------------------------------------------------------------------
+
+def _bytelm(d, layers, heads, kv_heads, seq, window=None, rope_theta=10000.0, mlp=None):
+  head_dim = d // heads
+  return ByteLMConfig(
+      stack=TransformerConfig(
+          d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+          mlp_hidden=mlp or _swiglu_hidden(d), window=window, rope=RopeConfig(rope_theta=rope_theta),
+      ),
+      max_seq_len=seq,
+  )
+
+
+def _swiglu_hidden(d: int, multiple: int = 32) -> int:
+  """About 8d/3 (parameter-matched to a 4d GELU MLP), rounded up to a multiple for efficient matmuls."""
+  return -(-(8 * d // 3) // multiple) * multiple
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "bytelm": {
+        "tiny": _bytelm(64, 2, 4, 2, 128),
+        "small": _bytelm(256, 6, 8, 4, 512),
+        "entropy-tiny": _bytelm(64, 2, 4, 4, 256, window=64),
+        # BLT's entropy model: 14 layers, d 768, sliding window 512, context 8192.
+        "entropy-100m": _bytelm(768, 14, 12, 12, 8192, window=512, rope_theta=500000.0),
+        # MegaByte paper's byte-level baseline (about 320M parameters, context 8192).
+        "paper-320m": _bytelm(1024, 24, 16, 16, 8192),
+    },
+}
+
+
+def register_presets(model: str, presets: dict[str, Any]):
+  PRESETS.setdefault(model, {}).update(presets)
+
+
+def get_preset(model: str, preset: str):
+  _ensure_models_registered()
+  if model not in PRESETS:
+    raise ConfigError(f"--model: unknown model {model!r}; choose one of {sorted(PRESETS)}")
+  if preset not in PRESETS[model]:
+    raise ConfigError(f"--preset: model {model!r} has no preset {preset!r}; choose one of {sorted(PRESETS[model])}")
+  return PRESETS[model][preset]
+
+
+def _ensure_models_registered():
+  import bytescale.models  # noqa: F401  (registers every model's presets)
+
+
+# --- Dotted-path updates and (de)serialisation -------------------------------------------------------------
+
+def _field_paths(config, prefix=()):
+  for field in dataclasses.fields(config):
+    value = getattr(config, field.name)
+    path = prefix + (field.name,)
+    yield path
+    if dataclasses.is_dataclass(value):
+      yield from _field_paths(value, path)
+
+
+def replace_path(config, key: str, raw_value: str | Any):
+  """Returns ``config`` with the field at ``key`` set; ``raw_value`` strings are parsed to the field's type."""
+  path = tuple(key.split("."))
+  paths = list(_field_paths(config))
+  if path not in paths:
+    matches = [p for p in paths if p[-len(path):] == path]
+    if len(matches) != 1:
+      options = ", ".join(".".join(p) for p in paths if not dataclasses.is_dataclass(_get(config, p)))
+      reason = "is ambiguous" if matches else "is not a field"
+      raise ConfigError(f"--set {key}: {reason} of {type(config).__name__}; fields: {options}")
+    path = matches[0]
+  return _replace(config, path, raw_value)
+
+
+def _get(config, path):
+  for name in path:
+    config = getattr(config, name)
+  return config
+
+
+def _replace(config, path, raw_value):
+  name = path[0]
+  if len(path) > 1:
+    return dataclasses.replace(config, **{name: _replace(getattr(config, name), path[1:], raw_value)})
+  hints = typing.get_type_hints(type(config))
+  value = _parse(raw_value, hints[name], f"{type(config).__name__}.{name}") if isinstance(raw_value, str) else raw_value
+  return dataclasses.replace(config, **{name: value})
+
+
+def _parse(raw: str, annotation, where: str):
+  if raw.lower() in ("none", "null") and type(None) in typing.get_args(annotation):
+    return None
+  candidates = [a for a in (typing.get_args(annotation) or (annotation,)) if a is not type(None)]
+  for kind in candidates:
+    try:
+      if kind is bool:
+        if raw.lower() in ("true", "1", "yes"):
+          return True
+        if raw.lower() in ("false", "0", "no"):
+          return False
+        raise ValueError
+      if kind in (int, float, str):
+        return kind(raw)
+      return json.loads(raw)
+    except (ValueError, TypeError):
+      continue
+  raise ConfigError(f"{where}: cannot parse {raw!r} as {annotation}")
+
+
+def to_dict(config) -> dict:
+  return {"__type__": type(config).__name__, **{
+      f.name: to_dict(getattr(config, f.name)) if dataclasses.is_dataclass(getattr(config, f.name))
+      else _jsonable(getattr(config, f.name))
+      for f in dataclasses.fields(config)
+  }}
+
+
+def _jsonable(value):
+  return list(value) if isinstance(value, tuple) else value
+
+
+CONFIG_TYPES: dict[str, type] = {}
+
+
+def register_config_type(cls):
+  CONFIG_TYPES[cls.__name__] = cls
+  return cls
+
+
+for _cls in (TransformerConfig, ByteLMConfig, TrainConfig, RopeConfig):
+  register_config_type(_cls)
+
+
+def from_dict(data: dict):
+  _ensure_models_registered()
+  data = dict(data)
+  cls = CONFIG_TYPES[data.pop("__type__")]
+  hints = typing.get_type_hints(cls)
+  kwargs = {}
+  for key, value in data.items():
+    if isinstance(value, dict) and "__type__" in value:
+      value = from_dict(value)
+    elif isinstance(value, list):
+      value = tuple(value)
+    kwargs[key] = value
+  del hints
+  return cls(**kwargs)

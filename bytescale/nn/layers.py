@@ -1,0 +1,67 @@
+"""Parameter helper, RMSNorm, SwiGLU MLP and embeddings."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def param(rngs: nnx.Rngs, init, shape, names: tuple[str, ...]) -> nnx.Param:
+  """A float32 parameter tagged with logical axis names.
+
+  Sharding is not applied here (``eager_sharding=False``): ``bytescale.parallel`` maps the names to mesh axes
+  with its one rules table and places the whole state at once.
+  """
+  if len(names) != len(shape):
+    raise ValueError(f"logical names {names} do not match shape {shape}")
+  return nnx.Param(init(rngs.params(), shape, jnp.float32), out_sharding=names, eager_sharding=False)
+
+
+def scaled_normal(fan_in: int):
+  return jax.nn.initializers.normal(stddev=fan_in**-0.5)
+
+
+def rms_norm(x, scale, eps: float):
+  """RMSNorm in float32, cast back to the input dtype."""
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+  return (normed * scale).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, *, eps: float = 1e-5, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ("norm",))
+
+  def __call__(self, x):
+    return rms_norm(x, self.scale[...], self.eps)
+
+
+class SwiGLU(nnx.Module):
+  """``down(silu(x @ gate) * (x @ up))``, no biases."""
+
+  def __init__(self, d_model: int, hidden: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.w_gate_DxF = param(rngs, scaled_normal(d_model), (d_model, hidden), ("embed", "mlp"))
+    self.w_up_DxF = param(rngs, scaled_normal(d_model), (d_model, hidden), ("embed", "mlp"))
+    self.w_down_FxD = param(rngs, scaled_normal(hidden), (hidden, d_model), ("mlp", "embed"))
+
+  def __call__(self, x_BxTxD):
+    x = x_BxTxD.astype(self.dtype)
+    gate = jnp.einsum("btd,df->btf", x, self.w_gate_DxF[...].astype(self.dtype))
+    up = jnp.einsum("btd,df->btf", x, self.w_up_DxF[...].astype(self.dtype))
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.w_down_FxD[...].astype(self.dtype))
+
+
+class Embedding(nnx.Module):
+  """A lookup table ``VxD``; ``attend`` multiplies by its transpose (tied unembedding)."""
+
+  def __init__(self, num_embeddings: int, dim: int, *, names=("vocab", "embed"), rngs: nnx.Rngs):
+    self.table_VxD = param(rngs, jax.nn.initializers.normal(stddev=1.0), (num_embeddings, dim), names)
+
+  def __call__(self, ids):
+    return jnp.take(self.table_VxD[...], ids, axis=0)
+
+  def attend(self, x_BxTxD):
+    return jnp.einsum("btd,vd->btv", x_BxTxD, self.table_VxD[...].astype(x_BxTxD.dtype))

@@ -1,0 +1,99 @@
+"""Orbax checkpoints: train state, data-iterator state and the run's configs, saved together.
+
+Layout of ``<out>/checkpoints/<step>/``: ``state`` (parameters, optimizer state, step), ``data`` (the grain
+iterator, so a resumed run sees exactly the batches an uninterrupted one would), ``meta`` (JSON configs, so
+``eval``/``generate`` rebuild the model from the directory alone). Orbax writes into a temporary directory and
+renames it when complete, so a run killed mid-save never damages a checkpoint already on disk.
+"""
+
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+from bytescale import configs
+
+
+def _abstract(tree):
+  """Shape/dtype/sharding of every leaf: restoring onto this reshards onto the target's devices."""
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+class Checkpointer:
+  def __init__(self, directory: str, *, keep: int = 3, save_every: int = 0):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=max(save_every, 1), create=True, enable_async_checkpointing=False,
+    )
+    self.save_every = save_every
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state, *, meta: dict, data_iterator=None, force: bool = False) -> bool:
+    items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    self.manager.wait_until_finished()
+    return saved
+
+  def restore(self, state_like, *, data_iterator=None, step: int | None = None):
+    """Restores into the structure (and shardings) of ``state_like``; the data iterator is updated in place."""
+    step = self.latest_step() if step is None else step
+    items = {"state": ocp.args.StandardRestore(_abstract(state_like))}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"]
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def read_meta(directory: str, step: int | None = None) -> dict:
+  """The JSON ``meta`` item of a checkpoint directory (``<out>`` or ``<out>/checkpoints``)."""
+  directory = checkpoint_root(directory)
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint found under {directory}")
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  manager.close()
+  return dict(meta, step=step)
+
+
+def checkpoint_root(directory: str) -> str:
+  directory = os.path.abspath(directory)
+  sub = os.path.join(directory, "checkpoints")
+  return sub if os.path.isdir(sub) else directory
+
+
+def load_model(directory: str, step: int | None = None):
+  """Rebuilds the model saved under ``directory`` with its trained parameters. Returns ``(model, meta)``."""
+  from flax import nnx
+
+  from bytescale.models import build_model
+
+  meta = read_meta(directory, step)
+  model_config = configs.from_dict(meta["model_config"])
+  model = build_model(model_config)
+  graphdef, params = nnx.split(model, nnx.Param)
+  root = checkpoint_root(directory)
+  manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(create=False))
+  # Restore the parameters alone (optimizer state is not needed for inference).
+  restored = manager.restore(
+      meta["step"],
+      args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item={"params": _abstract(params)},
+          restore_args={"params": jax.tree.map(lambda _: ocp.RestoreArgs(), params)},
+          partial_restore=True,
+      )),
+  )
+  manager.close()
+  return nnx.merge(graphdef, restored["state"]["params"]), meta
