@@ -138,7 +138,8 @@ def train(
         stopped_by = "max_seconds"
         break
   bar.close()
-  checkpointer.save(step, state, meta=meta, data_iterator=iterator, force=True)
+  if checkpointer.latest_step() != step:
+    checkpointer.save(step, state, meta=meta, data_iterator=iterator, force=True)
   checkpointer.close()
   metrics_file.close()
   if stopped_by in ("SIGTERM", "SIGINT"):

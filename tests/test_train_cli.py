@@ -1,0 +1,173 @@
+"""The CLI contract, kill -9 / SIGTERM resume, and one-line errors for bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from bytescale.train.metrics import read_jsonl
+
+TEXT = ("The quick brown fox jumps over the lazy dog.\x00 Every byte value counts.\n" * 400).encode()
+TINY = ["--set", "d_model=32", "--set", "num_layers=1", "--set", "mlp_hidden=64", "--set", "head_dim=8",
+        "--batch-size", "4", "--seq-len", "32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+  path = tmp_path_factory.mktemp("data") / "corpus.txt"
+  path.write_bytes(TEXT)
+  return str(path)
+
+
+def run_cli(*args, check=True, timeout=300):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-m", "bytescale.cli", *args], capture_output=True, text=True, env=env,
+                        timeout=timeout)
+  if check and proc.returncode != 0:
+    raise AssertionError(f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr[-3000:]}")
+  return proc
+
+
+def last_json_line(stdout: str) -> dict:
+  lines = [line for line in stdout.splitlines() if line.strip()]
+  return json.loads(lines[-1])
+
+
+@pytest.fixture(scope="module")
+def trained_run(corpus_file, tmp_path_factory):
+  out = str(tmp_path_factory.mktemp("run"))
+  proc = run_cli("train", "--data", corpus_file, "--steps", "12", "--out", out, "--set", "log_every=1",
+                 "--set", "checkpoint_every=4", *TINY)
+  return out, proc
+
+
+def test_train_prints_one_json_line_with_the_contract_keys(trained_run):
+  out, proc = trained_run
+  summary = last_json_line(proc.stdout)
+  assert len([line for line in proc.stdout.splitlines() if line.strip()]) == 1
+  for key in ("model", "preset", "params", "steps", "train_bytes", "bytes_per_s", "val_bpb", "checkpoint"):
+    assert key in summary, key
+  assert summary["model"] == "bytelm" and summary["steps"] == 12
+  assert summary["train_bytes"] == 12 * 4 * 32
+  assert 0 < summary["val_bpb"] < 9 and summary["bytes_per_s"] > 0
+  assert os.path.isdir(os.path.join(out, "checkpoints", "12"))
+  records = read_jsonl(os.path.join(out, "metrics.jsonl"))
+  assert [r["step"] for r in records] == list(range(1, 13))
+
+
+def test_eval_and_generate_read_the_checkpoint(trained_run, corpus_file):
+  out, _ = trained_run
+  result = last_json_line(run_cli("eval", "--ckpt", out, "--data", corpus_file, "--max-bytes", "3000").stdout)
+  assert 0 < result["bpb"] < 9
+  assert result["bytes"] == 3000 + 1  # every byte plus the EOS; BOS is never a target
+  gen = last_json_line(run_cli("generate", "--ckpt", out, "--prompt", "The ", "--max-bytes", "20", "--json",
+                               "--temperature", "0").stdout)
+  assert gen["prompt"] == "The " and gen["bytes"] <= 20
+
+
+def test_rerun_with_same_out_resumes(trained_run, corpus_file):
+  out, _ = trained_run
+  proc = run_cli("train", "--data", corpus_file, "--steps", "14", "--out", out, "--set", "log_every=1",
+                 "--set", "checkpoint_every=4", *TINY)
+  assert "resuming" in proc.stderr and "from step 12" in proc.stderr
+  assert last_json_line(proc.stdout)["steps"] == 14
+
+
+def wait_for_step(metrics_path, step, proc, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f"training exited early: {proc.stderr.read()[-2000:]}")
+    if os.path.exists(metrics_path):
+      records = read_jsonl(metrics_path)
+      if records and records[-1]["step"] >= step:
+        return records[-1]["step"]
+    time.sleep(0.05)
+  raise AssertionError("training did not reach the step in time")
+
+
+def start_training(corpus_file, out, steps):
+  args = ["train", "--data", corpus_file, "--steps", str(steps), "--out", out, "--set", "log_every=1",
+          "--set", "checkpoint_every=3", *TINY]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.Popen([sys.executable, "-m", "bytescale.cli", *args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env), args
+
+
+def losses_by_step(path):
+  losses = {}
+  for record in read_jsonl(path):
+    losses[record["step"]] = record["loss"]  # a resumed run re-logs steps after its checkpoint: keep the last
+  return losses
+
+
+def test_kill_9_then_resume_equals_uninterrupted_run(corpus_file, tmp_path):
+  steps = 24
+  reference_out, killed_out = str(tmp_path / "reference"), str(tmp_path / "killed")
+  run_cli("train", "--data", corpus_file, "--steps", str(steps), "--out", reference_out, "--set", "log_every=1",
+          "--set", "checkpoint_every=3", *TINY)
+  proc, args = start_training(corpus_file, killed_out, steps)
+  reached = wait_for_step(os.path.join(killed_out, "metrics.jsonl"), 7, proc)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert reached < steps
+  resumed = run_cli(*args)
+  assert "resuming" in resumed.stderr
+  reference, killed = losses_by_step(os.path.join(reference_out, "metrics.jsonl")), losses_by_step(
+      os.path.join(killed_out, "metrics.jsonl"))
+  assert sorted(killed) == list(range(1, steps + 1))
+  for step in range(1, steps + 1):
+    assert killed[step] == reference[step], (step, killed[step], reference[step])
+
+
+def test_sigterm_saves_and_exits_cleanly(corpus_file, tmp_path):
+  out = str(tmp_path / "term")
+  proc, _ = start_training(corpus_file, out, 500)
+  wait_for_step(os.path.join(out, "metrics.jsonl"), 2, proc)
+  proc.send_signal(signal.SIGTERM)
+  stdout, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 0, stderr[-2000:]
+  summary = last_json_line(stdout)
+  assert summary["stopped_by"] == "SIGTERM"
+  assert os.path.isdir(os.path.join(out, "checkpoints", str(summary["steps"])))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--data", "/no/such/file.txt"], "no such file"),
+        (["train", "--model", "nosuchmodel"], "unknown model"),
+        (["train", "--preset", "huge-nonexistent"], "no preset"),
+        (["train", "--set", "num_heads=3"], "num_kv_heads"),
+        (["train", "--set", "nosuchfield=1"], "is not a field"),
+        (["train", "--data", "tfds:surely_not_a_dataset_name:text"], "surely_not_a_dataset_name"),
+        (["eval", "--ckpt", "/no/such/run", "--data", "stdlib"], "no checkpoint"),
+    ],
+)
+def test_bad_input_gets_one_clear_line(args, message, tmp_path):
+  proc = run_cli(*args, "--out", str(tmp_path / "x"), check=False) if args[0] == "train" else run_cli(*args, check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr
+  error_lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+  assert len(error_lines) == 1 and message in error_lines[0], proc.stderr[-2000:]
+
+
+def test_empty_file_and_too_small_corpus(tmp_path):
+  empty = tmp_path / "empty.txt"
+  empty.write_bytes(b"")
+  proc = run_cli("train", "--data", str(empty), "--out", str(tmp_path / "a"), check=False)
+  assert proc.returncode == 2 and "empty" in proc.stderr.lower()
+  small = tmp_path / "small.txt"
+  small.write_bytes(b"abc")
+  proc = run_cli("train", "--data", str(small), "--out", str(tmp_path / "b"), check=False)
+  assert proc.returncode == 2 and "seq" in proc.stderr.lower()
+
+
+def test_help_explains_every_flag():
+  for command in ("train", "eval", "generate"):
+    proc = run_cli(command, "--help")
+    assert "--" in proc.stdout and "usage" in proc.stdout
