@@ -122,8 +122,8 @@ def cmd_eval(args):
   seq_len = args.seq_len or meta["train_config"]["seq_len"]
   documents = load_documents(args.data, max_bytes=args.max_bytes, data_dir=args.tfds_data_dir)
   tokens = frame_documents(documents)
-  graphdef, params = nnx.split(model)
-  bpb, count = evaluate_bpb(graphdef, params, tokens, seq_len=seq_len, batch_size=args.batch_size)
+  graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+  bpb, count = evaluate_bpb(graphdef, params, tokens, frozen=frozen, seq_len=seq_len, batch_size=args.batch_size)
   print(json.dumps({"bpb": round(bpb, 5), "bytes": count, "checkpoint_step": meta["step"], "model": meta["model"]}))
 
 

@@ -1,7 +1,7 @@
 """Using bytescale models from plain JAX or Linen code.
 
 * ``init(rng, config) -> params`` and ``apply(params, bytes_BxT, config, segment_ids_BxT=None) -> logits``:
-  params are a plain nested dict of arrays (``nnx.to_pure_dict``), usable with any optimizer or checkpointer.
+  params are a plain nested dict of arrays (``nnx.to_pure_dict`` of every model variable), usable with any optimizer or checkpointer.
 * ``to_linen(config)``: a ``flax.linen`` module (via ``nnx.bridge.to_linen``) whose ``init``/``apply`` return
   and take Linen variables; ``apply`` returns the model's ``ModelOutput``.
 """
@@ -21,7 +21,7 @@ def _model_type(config):
 def init(rng: jax.Array, config) -> dict:
   """Fresh parameters of the model described by ``config``, as a nested dict of arrays."""
   model = _model_type(config)(config, rngs=nnx.Rngs(params=rng))
-  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return nnx.to_pure_dict(nnx.state(model))
 
 
 def _abstract_model(config):
@@ -30,7 +30,7 @@ def _abstract_model(config):
 
 def bind(params: dict, config):
   """An NNX model of ``config`` carrying ``params`` (a dict from ``init`` or a training run)."""
-  graphdef, state = nnx.split(_abstract_model(config), nnx.Param)
+  graphdef, state = nnx.split(_abstract_model(config))
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, state)
 

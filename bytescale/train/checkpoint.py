@@ -83,17 +83,18 @@ def load_model(directory: str, step: int | None = None):
   meta = read_meta(directory, step)
   model_config = configs.from_dict(meta["model_config"])
   model = build_model(model_config)
-  graphdef, params = nnx.split(model, nnx.Param)
+  graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+  target = {"params": params, "frozen": frozen}
   root = checkpoint_root(directory)
   manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(create=False))
-  # Restore the parameters alone (optimizer state is not needed for inference).
+  # Restore the model variables alone (optimizer state is not needed for inference).
   restored = manager.restore(
       meta["step"],
       args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item={"params": _abstract(params)},
-          restore_args={"params": jax.tree.map(lambda _: ocp.RestoreArgs(), params)},
+          item=_abstract(target),
+          restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(), target),
           partial_restore=True,
       )),
   )
   manager.close()
-  return nnx.merge(graphdef, restored["state"]["params"]), meta
+  return nnx.merge(graphdef, restored["state"]["params"], restored["state"]["frozen"]), meta

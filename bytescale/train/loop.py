@@ -124,7 +124,7 @@ def train(
         record = {"step": step, "lr": float(schedule(step - 1)), "bytes_per_s": rate,
                   **{k: float(v) for k, v in metrics.items()}}
         if tc.eval_every and step % tc.eval_every == 0:
-          record["val_bpb"], _ = evaluate_bpb(graphdef, state.params, corpus.validation_tokens, seq_len=tc.seq_len,
+          record["val_bpb"], _ = evaluate_bpb(graphdef, state.params, corpus.validation_tokens, frozen=state.frozen, seq_len=tc.seq_len,
                                               batch_size=tc.batch_size, max_batches=tc.eval_batches, eval_fn=eval_fn)
         metrics_file.write(record)
         bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", bpb=f"{float(metrics['bpb']):.3f}", bytes_s=f"{rate:,.0f}")
@@ -145,7 +145,7 @@ def train(
   if stopped_by in ("SIGTERM", "SIGINT"):
     _log(f"{stopped_by}: saved step {step} to {checkpointer.directory}; rerun with the same --out to resume")
 
-  val_bpb, val_count = evaluate_bpb(graphdef, state.params, corpus.validation_tokens, seq_len=tc.seq_len,
+  val_bpb, val_count = evaluate_bpb(graphdef, state.params, corpus.validation_tokens, frozen=state.frozen, seq_len=tc.seq_len,
                                     batch_size=tc.batch_size, max_batches=tc.eval_batches, eval_fn=eval_fn)
   summary = {
       "model": model_name, "preset": preset, "params": num_params, "steps": step,
@@ -153,7 +153,7 @@ def train(
       "val_bytes": val_count, "checkpoint": checkpointer.directory, "stopped_by": stopped_by,
       "final_loss": float(metrics["loss"]) if trained_steps else None,
   }
-  return TrainResult(nnx.merge(graphdef, state.params), graphdef, state, summary)
+  return TrainResult(state.model(graphdef), graphdef, state, summary)
 
 
 def _check_same_run(out_dir, meta):

@@ -13,9 +13,15 @@ from bytescale.configs import TrainConfig
 
 @struct.dataclass
 class TrainState:
+  """``params`` are trained; ``frozen`` holds every other model variable (e.g. a frozen entropy model)."""
+
   step: jax.Array
   params: nnx.State
   opt_state: optax.OptState
+  frozen: nnx.State
+
+  def model(self, graphdef):
+    return nnx.merge(graphdef, self.params, self.frozen)
 
 
 def learning_rate_schedule(config: TrainConfig):
@@ -41,6 +47,8 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation):
   """Splits ``model`` into its static graph and a ``TrainState``."""
-  graphdef, params = nnx.split(model, nnx.Param)
+  graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
   params = jax.tree.map(jnp.asarray, params)
-  return graphdef, TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+  return graphdef, TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), frozen=frozen
+  )

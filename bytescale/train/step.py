@@ -26,7 +26,7 @@ def next_byte_loss(model, batch):
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: LossFn = next_byte_loss):
   def train_step(state: TrainState, batch):
     def compute_loss(params):
-      return loss_fn(nnx.merge(graphdef, params), batch)
+      return loss_fn(nnx.merge(graphdef, params, state.frozen), batch)
 
     (loss, aux), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -43,8 +43,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, loss_fn: 
 
 
 def make_eval_step(graphdef, loss_fn: LossFn = next_byte_loss):
-  def eval_step(params, batch):
-    _, aux = loss_fn(nnx.merge(graphdef, params), batch)
+  def eval_step(params, frozen, batch):
+    _, aux = loss_fn(nnx.merge(graphdef, params, frozen), batch)
     return aux["nll_sum"], aux["count"]
 
   return eval_step
