@@ -7,6 +7,7 @@ Progress goes to stderr; each command ends with ONE JSON line on stdout (``gener
 from __future__ import annotations
 
 import argparse
+import importlib
 import dataclasses
 import json
 import os
@@ -60,12 +61,25 @@ def _add_generate(sub):
   p.add_argument("--json", action="store_true", help="print one JSON line instead of the raw text")
 
 
+# Modules that add their own subcommands: each defines ``add_command(subparsers) -> (name, handler)``.
+PLUGIN_COMMANDS = ("bytescale.rope_search", "bytescale.flops")
+
+
 def build_parser():
   parser = argparse.ArgumentParser(prog="bytescale", description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
   _add_train(sub)
   _add_eval(sub)
   _add_generate(sub)
+  for module_name in PLUGIN_COMMANDS:
+    try:
+      module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+      if error.name != module_name:
+        raise
+      continue
+    name, handler = module.add_command(sub)
+    COMMANDS[name] = handler
   return parser
 
 

@@ -1,59 +1,619 @@
-"""Rotary position embeddings (half-split convention: feature i pairs with feature i + d/2)."""
+"""Rotary position embeddings (RoPE) and their context-extension family.
+
+Convention: half-split pairs. Within the rotary part (the first ``rotary_dim`` features of a head, the rest pass
+through), feature ``i`` pairs with feature ``i + rotary_dim/2`` and is rotated by the angle ``m * w_i`` of the
+token's position ``m``. This matches Hugging Face's ``rotate_half``, so published weights load unpermuted.
+
+Methods (``RopeConfig.rope_type``; keys follow Hugging Face's ``rope_scaling`` so published blocks load as they
+are, see ``RopeConfig.from_hf``). ``d`` is the rotary dim, ``b`` the base ``rope_theta``, ``s`` the ``factor``,
+``L`` ``original_max_position_embeddings``, ``w_i = b^(-2i/d)``:
+
+* ``default``:  ``w_i``.
+* ``linear``:   position interpolation, ``w_i / s``.
+* ``ntk``:      NTK-aware, base ``b * s^(d/(d-2))``.
+* ``dynamic``:  NTK-aware with a length-dependent scale. We follow Hugging Face's formula (so HF configs behave as
+  in HF): base ``b * (s*n/L - (s-1))^(d/(d-2))`` with ``n = max(seq_len, L)``. With ``factor=1`` this is exactly
+  the plain dynamic-NTK formula of the notes, scale ``max(1, seq_len/L)``; use that to get the plain variant.
+  Note: HF takes ``L`` from the model's ``max_position_embeddings``; ``from_hf`` does the same.
+* ``yarn``:     YaRN as implemented in code (not the paper's ramp): pair indices ``i_lo = floor(d ln(L/(2 pi
+  beta_fast)) / (2 ln b))``, ``i_hi = ceil(... beta_slow ...)`` clamped to ``[0, d-1]`` (``truncate=False`` skips
+  floor/ceil, as gpt-oss does), ``ramp = clamp((i - i_lo)/(i_hi - i_lo), 0, 1)``,
+  ``w' = (1 - ramp) w + ramp w/s``; cos and sin are multiplied by ``attention_factor`` if given, else
+  ``mscale(s, mscale)/mscale(s, mscale_all_dim)`` if both are set, else ``0.1 ln s + 1``.
+* ``llama3``:   Llama 3.1: keep ``w`` where the wavelength ``2 pi/w < L/high_freq_factor``, ``w/s`` where it is
+  ``> L/low_freq_factor``, blend in between with ``sigma = (L/wavelength - low)/(high - low)``.
+* ``longrope``: per-dimension rescale factors ``lambda_i``: ``w_i / lambda_i`` from ``short_factor`` while the
+  current length ``<= L`` and from ``long_factor`` beyond; the first ``n_hat`` positions use the unscaled ``w_i``;
+  cos and sin are multiplied by ``attention_factor`` if given, else ``sqrt(1 + ln s / ln L)`` (1 when s <= 1), in
+  both regimes, as HF and Phi-3 do. The factors come from an evolutionary search that is not part of this module:
+  a search module produces ``short_factor``/``long_factor`` tuples, can score candidates with
+  ``longrope_inverse_frequencies``, and builds configs with ``dataclasses.replace``.
+
+Precision. A float32 product ``m * w`` at ``m ~ 1e6`` is off by up to ~0.1 rad (the rounding of ``w`` times ``m``
+plus the rounding of the product), differently for every position, which breaks the relative-position property
+at long contexts. We never form that product. The phase is kept in turns (``u = w / 2 pi``) and the position is
+split into 11-bit digits ``m = m0 + m1 2^11 + m2 2^22``. For each digit level the host precomputes, in float64,
+``v_j = frac(2^(11 j) u)`` and splits it into a 13-bit part ``hi`` and a float32 remainder ``lo``. On the device,
+``digit * hi`` is an integer below 2^24 over 2^13, so it and its ``frac`` are exact in float32; the ``digit * lo``
+terms are small. The summed phase is wrapped to ``[-1/2, 1/2)`` turns before being turned into an angle, so the
+angle error stays below ~1e-6 rad for any int32 position (the tests assert the bound at 2^21 and up).
+Frequencies that are only known on the device are handled by the same exact scheme: ``apply_rope`` with a traced
+``inv_freq`` is exact for those float32 frequencies (the division by 2 pi is done in split precision); dynamic
+NTK under ``jit`` with a traced ``seq_len`` keeps the static ``w_i`` exact and rounds only its length-dependent
+correction. That leaves no error for the highest frequency and elsewhere a relative frequency error of about
+``1e-7 * ln(scale)``, the same for queries and keys: 3e-5 rad at position 9000 (one more token of length moves
+the angles by 5e-2 rad there), but 4e-2 rad at 2^21, where one token moves them by 2e-2 rad. For float64
+frequencies at such lengths pass ``seq_len`` as a python int (e.g. bucketed by the caller).
+
+Length dependence and KV caches. ``dynamic`` and ``longrope`` rotate every position differently once the current
+length changes regime, so keys already in a cache can go stale. ``rotation_regime(config, seq_len)`` returns an
+int32 id with the guarantee: equal regimes => identical rotation of every position. Our choice for the cache:
+it stores ROTATED keys together with the regime they were rotated under; when ``rotation_regime`` of the new
+length differs, the cache calls ``rerotate(keys, positions, config, from_seq_len=..., to_seq_len=...)``, which
+maps keys rotated for one length onto the rotation a full forward at the other length would use (the attention
+scale does not depend on length, so only the angle changes). For ``longrope`` that happens once per sequence
+(when the length first exceeds ``L``); for ``dynamic`` it happens at every length beyond ``L``, so a cache for
+``dynamic`` is better off storing unrotated keys and rotating them with the current length at read time.
+Every other method has a single regime (0).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 import numpy as np
+
+ROPE_TYPES = ("default", "linear", "ntk", "dynamic", "yarn", "llama3", "longrope")
+
+# Keys each rope_type reads, besides the ones every type accepts. `from_hf` rejects anything else, so a key that
+# would silently do nothing (a typo, or a knob of another method) is reported instead.
+_COMMON_HF_KEYS = frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor"})
+_HF_KEYS_BY_TYPE = {
+    "default": frozenset(),
+    "linear": frozenset({"factor"}),
+    "ntk": frozenset({"factor"}),
+    "dynamic": frozenset({"factor", "original_max_position_embeddings"}),
+    "yarn": frozenset({
+        "factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+        "attention_factor", "truncate",
+    }),
+    "llama3": frozenset({"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"}),
+    "longrope": frozenset({"factor", "original_max_position_embeddings", "short_factor", "long_factor",
+                           "attention_factor", "n_hat"}),
+}
+_NEEDS_ORIGINAL_LENGTH = ("dynamic", "yarn", "llama3", "longrope")
+# Optional fields only some methods read; setting one for another method is an error rather than a no-op.
+_OPTIONAL_FIELD_USERS = {
+    "mscale": ("yarn",),
+    "mscale_all_dim": ("yarn",),
+    "attention_factor": ("yarn", "longrope"),
+    "short_factor": ("longrope",),
+    "long_factor": ("longrope",),
+}
+
+
+def _fail(field: str, message: str):
+  raise ValueError(f"RopeConfig.{field}: {message}")
+
+
+def _check_real(field: str, value, *, minimum=None, exclusive=False, optional=False):
+  if value is None and optional:
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+    _fail(field, f"must be a number, got {value!r}")
+  value = float(value)
+  if not math.isfinite(value):
+    _fail(field, f"must be finite, got {value}")
+  if minimum is not None and (value <= minimum if exclusive else value < minimum):
+    _fail(field, f"must be {'>' if exclusive else '>='} {minimum}, got {value}")
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeConfig:
+  """Rotary embedding and context-extension settings, with Hugging Face's key names (see module docstring)."""
+
+  rope_type: str = "default"
+  rope_theta: float = 10000.0
+  factor: float = 1.0
+  original_max_position_embeddings: int | None = None  # L: the pre-extension context length
+  beta_fast: float = 32.0  # yarn: pairs turning more than beta_fast times over L keep w ...
+  beta_slow: float = 1.0  # ... pairs turning fewer than beta_slow times use w/s
+  mscale: float | None = None
+  mscale_all_dim: float | None = None
+  attention_factor: float | None = None  # yarn/longrope: multiplies cos and sin; None -> the method's default
+  short_factor: tuple[float, ...] | None = None  # longrope: per-pair rescale factors, length rotary_dim/2
+  long_factor: tuple[float, ...] | None = None
+  low_freq_factor: float = 1.0  # llama3
+  high_freq_factor: float = 4.0
+  n_hat: int = 0  # longrope: leading positions left unscaled
+  truncate: bool = True  # yarn: floor/ceil the ramp ends (HF default); gpt-oss sets False
+  partial_rotary_factor: float = 1.0  # fraction of each head's features that rotate
+
+  def __post_init__(self):
+    if self.rope_type not in ROPE_TYPES:
+      _fail("rope_type", f"unknown {self.rope_type!r}; use one of {ROPE_TYPES}")
+    normalise = lambda name, value: object.__setattr__(self, name, value)  # frozen: store checked values
+    theta = _check_real("rope_theta", self.rope_theta, minimum=1.0, exclusive=True)
+    normalise("rope_theta", theta)
+    factor = _check_real("factor", self.factor)
+    if factor < 1.0:
+      _fail("factor", f"must be >= 1 (1 = no extension), got {factor}; a factor below 1 would shrink the context")
+    normalise("factor", factor)
+    length = self.original_max_position_embeddings
+    if length is not None:
+      if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or length < 1:
+        _fail("original_max_position_embeddings", f"must be a positive int, got {length!r}")
+      normalise("original_max_position_embeddings", int(length))
+    elif self.rope_type in _NEEDS_ORIGINAL_LENGTH:
+      _fail("original_max_position_embeddings",
+            f"rope_type {self.rope_type!r} needs the pre-extension context length; set it (e.g. 4096)")
+    normalise("beta_fast", _check_real("beta_fast", self.beta_fast, minimum=0.0, exclusive=True))
+    normalise("beta_slow", _check_real("beta_slow", self.beta_slow, minimum=0.0, exclusive=True))
+    if self.beta_fast < self.beta_slow:
+      _fail("beta_fast", f"must be >= beta_slow ({self.beta_slow}), got {self.beta_fast}")
+    normalise("mscale", _check_real("mscale", self.mscale, optional=True))
+    normalise("mscale_all_dim", _check_real("mscale_all_dim", self.mscale_all_dim, optional=True))
+    normalise("attention_factor",
+              _check_real("attention_factor", self.attention_factor, minimum=0.0, exclusive=True, optional=True))
+    normalise("low_freq_factor", _check_real("low_freq_factor", self.low_freq_factor, minimum=0.0, exclusive=True))
+    normalise("high_freq_factor", _check_real("high_freq_factor", self.high_freq_factor))
+    if self.high_freq_factor <= self.low_freq_factor:
+      _fail("high_freq_factor", f"must be > low_freq_factor ({self.low_freq_factor}), got {self.high_freq_factor}")
+    for name in ("short_factor", "long_factor"):
+      normalise(name, self._checked_factor_array(name))
+    if self.rope_type == "longrope":
+      for name in ("short_factor", "long_factor"):
+        if getattr(self, name) is None:
+          _fail(name, "rope_type 'longrope' needs both short_factor and long_factor (one factor per rotary pair)")
+      if len(self.short_factor) != len(self.long_factor):
+        _fail("long_factor", f"has {len(self.long_factor)} entries but short_factor has {len(self.short_factor)}")
+    if isinstance(self.n_hat, bool) or not isinstance(self.n_hat, (int, np.integer)) or self.n_hat < 0:
+      _fail("n_hat", f"must be an int >= 0, got {self.n_hat!r}")
+    normalise("n_hat", int(self.n_hat))
+    if self.n_hat and self.rope_type != "longrope":
+      _fail("n_hat", f"is only used by rope_type 'longrope', not {self.rope_type!r}; leave it 0")
+    if not isinstance(self.truncate, (bool, np.bool_)):
+      _fail("truncate", f"must be a bool, got {self.truncate!r}")
+    normalise("truncate", bool(self.truncate))
+    fraction = _check_real("partial_rotary_factor", self.partial_rotary_factor, minimum=0.0, exclusive=True)
+    if fraction > 1.0:
+      _fail("partial_rotary_factor", f"must be in (0, 1], got {fraction}")
+    normalise("partial_rotary_factor", fraction)
+    for name, users in _OPTIONAL_FIELD_USERS.items():
+      if getattr(self, name) is not None and self.rope_type not in users:
+        _fail(name, f"is only used by rope_type {' / '.join(users)}, not {self.rope_type!r}; leave it None")
+
+  def _checked_factor_array(self, name):
+    values = getattr(self, name)
+    if values is None:
+      return None
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
+      _fail(name, f"must be a sequence of numbers, got {values!r}")
+    checked = tuple(_check_real(f"{name}[{i}]", v, minimum=0.0, exclusive=True) for i, v in enumerate(values))
+    if not checked:
+      _fail(name, "must not be empty")
+    return checked
+
+  @property
+  def length_dependent(self) -> bool:
+    """Whether the rotation of a position depends on the current total length (see ``rotation_regime``)."""
+    return self.rope_type in ("dynamic", "longrope")
+
+  @classmethod
+  def from_hf(
+      cls,
+      rope_scaling: dict | None,
+      rope_theta: float = 10000.0,
+      max_position_embeddings: int | None = None,
+      *,
+      original_max_position_embeddings: int | None = None,
+      partial_rotary_factor: float | None = None,
+  ) -> RopeConfig:
+    """Builds a config from a published model's ``rope_scaling`` (or ``rope_parameters``) block, as it is.
+
+    ``rope_theta``, ``max_position_embeddings``, ``original_max_position_embeddings`` (Phi-3 keeps it at the top
+    level) and ``partial_rotary_factor`` are the model config's top-level fields. The legacy ``type`` key is an
+    alias of ``rope_type``. Keys the method does not read raise ``ValueError``. Where HF derives a value from the
+    top-level lengths, so do we: YaRN's and LongRoPE's ``L`` default to ``max_position_embeddings``, LongRoPE's
+    ``factor`` defaults to ``max_position_embeddings / L``, and dynamic NTK uses ``max_position_embeddings`` as
+    ``L``, as HF does.
+    """
+    block = dict(rope_scaling or {})
+    if "type" in block and "rope_type" in block and block["type"] != block["rope_type"]:
+      raise ValueError(f"rope_scaling: 'type' ({block['type']!r}) and 'rope_type' ({block['rope_type']!r}) disagree")
+    rope_type = block.pop("rope_type", block.pop("type", "default"))
+    block.pop("type", None)
+    if rope_type not in ROPE_TYPES:
+      raise ValueError(f"rope_scaling.rope_type: unknown {rope_type!r}; use one of {ROPE_TYPES}")
+    allowed = _COMMON_HF_KEYS | _HF_KEYS_BY_TYPE[rope_type]
+    unknown = sorted(set(block) - allowed)
+    if unknown:
+      raise ValueError(
+          f"rope_scaling: key(s) {unknown} are not read by rope_type {rope_type!r}; "
+          f"it accepts {sorted(allowed - {'type'})}. Remove them or fix their names."
+      )
+    theta = block.pop("rope_theta", None)
+    fields: dict[str, Any] = {"rope_type": rope_type, "rope_theta": rope_theta if theta is None else theta}
+    fraction = block.pop("partial_rotary_factor", partial_rotary_factor)
+    if fraction is not None:
+      fields["partial_rotary_factor"] = fraction
+    for key in ("short_factor", "long_factor"):
+      if key in block:
+        values = block.pop(key)
+        fields[key] = tuple(values) if isinstance(values, (list, tuple)) else values
+    block_length = block.pop("original_max_position_embeddings", None)
+    if rope_type == "dynamic":
+      fields["original_max_position_embeddings"] = max_position_embeddings or block_length
+    elif rope_type in ("yarn", "longrope"):
+      fields["original_max_position_embeddings"] = (
+          block_length or original_max_position_embeddings or max_position_embeddings
+      )
+    elif rope_type == "llama3":
+      fields["original_max_position_embeddings"] = block_length  # required in the block, as in HF
+    if rope_type in ("yarn", "longrope") and block.get("factor") is None:
+      length = fields["original_max_position_embeddings"]
+      if max_position_embeddings and length and max_position_embeddings != length:
+        block["factor"] = max_position_embeddings / length
+      else:
+        block.pop("factor", None)
+    fields.update({k: v for k, v in block.items() if v is not None})
+    return cls(**fields)
+
+
+# --- Inverse frequencies and attention scale (float64, host) ------------------------------------------------
 
 
 def default_inverse_frequencies(rotary_dim: int, theta: float) -> np.ndarray:
   """``w_i = theta^(-2i/d)`` for ``i < d/2``, in float64 on the host."""
-  if rotary_dim % 2:
-    raise ValueError(f"rotary_dim must be even, got {rotary_dim}")
+  if rotary_dim % 2 or rotary_dim < 2:
+    raise ValueError(f"rotary_dim must be a positive even number, got {rotary_dim}")
   return theta ** (-np.arange(0, rotary_dim, 2, dtype=np.float64) / rotary_dim)
 
 
-def rope_angles(positions_BxT, inv_freq_F):
-  """Angles ``m * w_i`` in float32, ``BxTxF``."""
-  return positions_BxT.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq_F, jnp.float32)
+def ntk_inverse_frequencies(rotary_dim: int, theta: float, scale: float) -> np.ndarray:
+  """NTK-aware scaling: the base becomes ``theta * scale^(d/(d-2))``."""
+  if rotary_dim <= 2:
+    raise ValueError(f"NTK scaling needs rotary_dim > 2, got {rotary_dim}")
+  return default_inverse_frequencies(rotary_dim, theta * scale ** (rotary_dim / (rotary_dim - 2)))
 
 
-def apply_rope(x_BxTxHxK, positions_BxT, inv_freq_F, attention_scale: float = 1.0):
-  """Rotates the first ``2*F`` features of every head by the angles of ``positions`` (half-split pairs)."""
-  angles_BxTxF = rope_angles(positions_BxT, inv_freq_F)
-  cos = (jnp.cos(angles_BxTxF) * attention_scale)[:, :, None, :]
-  sin = (jnp.sin(angles_BxTxF) * attention_scale)[:, :, None, :]
-  rotary = 2 * angles_BxTxF.shape[-1]
+def dynamic_ntk_scale(config: RopeConfig, seq_len: int | None) -> float:
+  """HF's dynamic-NTK scale ``s*n/L - (s-1)`` with ``n = max(seq_len, L)`` (= ``max(1, n/L)`` when s = 1)."""
+  length = config.original_max_position_embeddings
+  n = length if seq_len is None else max(int(seq_len), length)
+  return config.factor * n / length - (config.factor - 1.0)
+
+
+def yarn_ramp(config: RopeConfig, rotary_dim: int) -> np.ndarray:
+  """Per-pair interpolation weight of YaRN as in HF's code: 0 keeps ``w``, 1 uses ``w/s``."""
+
+  def correction_pair_index(rotations):  # pair index whose wavelength fits `rotations` times into L
+    return (rotary_dim * math.log(config.original_max_position_embeddings / (rotations * 2 * math.pi))
+            / (2 * math.log(config.rope_theta)))
+
+  low, high = correction_pair_index(config.beta_fast), correction_pair_index(config.beta_slow)
+  if config.truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, rotary_dim - 1)
+  if low == high:
+    high += 0.001  # HF's guard against a zero-width ramp
+  return np.clip((np.arange(rotary_dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+
+
+def llama3_inverse_frequencies(config: RopeConfig, rotary_dim: int) -> np.ndarray:
+  base = default_inverse_frequencies(rotary_dim, config.rope_theta)
+  length, s = config.original_max_position_embeddings, config.factor
+  wavelength = 2 * np.pi / base
+  smooth = (length / wavelength - config.low_freq_factor) / (config.high_freq_factor - config.low_freq_factor)
+  blended = (1 - smooth) * base / s + smooth * base
+  scaled = np.where(wavelength > length / config.low_freq_factor, base / s, blended)
+  return np.where(wavelength < length / config.high_freq_factor, base, scaled)
+
+
+def longrope_inverse_frequencies(rotary_dim: int, theta: float, rescale_factors) -> np.ndarray:
+  """``w_i / lambda_i``; the entry point for a LongRoPE factor search to score candidate factors."""
+  factors = np.asarray(rescale_factors, np.float64)
+  if factors.shape != (rotary_dim // 2,):
+    raise ValueError(
+        f"LongRoPE rescale factors must have rotary_dim/2 = {rotary_dim // 2} entries (one per rotary pair), "
+        f"got {factors.shape[0] if factors.ndim == 1 else factors.shape}"
+    )
+  return default_inverse_frequencies(rotary_dim, theta) / factors
+
+
+def longrope_is_long(config: RopeConfig, seq_len) -> bool:
+  """LongRoPE uses ``long_factor`` once the current length exceeds ``L`` (HF and Phi-3 use ``>``)."""
+  return int(seq_len) > config.original_max_position_embeddings
+
+
+def inverse_frequencies(config: RopeConfig, rotary_dim: int, seq_len: int | None = None) -> np.ndarray:
+  """Float64 inverse frequencies ``F = rotary_dim/2`` of ``config`` at current length ``seq_len`` (host int).
+
+  ``seq_len=None`` means the original length ``L``: no dynamic scaling, LongRoPE's short factors.
+  """
+  theta, kind = config.rope_theta, config.rope_type
+  if kind == "default":
+    return default_inverse_frequencies(rotary_dim, theta)
+  if kind == "linear":
+    return default_inverse_frequencies(rotary_dim, theta) / config.factor
+  if kind == "ntk":
+    return ntk_inverse_frequencies(rotary_dim, theta, config.factor)
+  if kind == "dynamic":
+    return ntk_inverse_frequencies(rotary_dim, theta, dynamic_ntk_scale(config, seq_len))
+  if kind == "yarn":
+    base = default_inverse_frequencies(rotary_dim, theta)
+    ramp = yarn_ramp(config, rotary_dim)
+    return (1 - ramp) * base + ramp * base / config.factor
+  if kind == "llama3":
+    return llama3_inverse_frequencies(config, rotary_dim)
+  if kind == "longrope":
+    long = seq_len is not None and longrope_is_long(config, seq_len)
+    factors = config.long_factor if long else config.short_factor
+    return longrope_inverse_frequencies(rotary_dim, theta, factors)
+  raise AssertionError(kind)
+
+
+def attention_scale(config: RopeConfig) -> float:
+  """The factor multiplying cos and sin (the same at every length)."""
+  s = config.factor
+  if config.rope_type == "yarn":
+    if config.attention_factor is not None:
+      return config.attention_factor
+
+    def yarn_mscale(scale, mscale=1.0):
+      return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    if config.mscale and config.mscale_all_dim:  # HF: both must be set (and non-zero) to matter
+      return yarn_mscale(s, config.mscale) / yarn_mscale(s, config.mscale_all_dim)
+    return yarn_mscale(s)
+  if config.rope_type == "longrope":
+    if config.attention_factor is not None:
+      return config.attention_factor
+    return 1.0 if s <= 1 else math.sqrt(1 + math.log(s) / math.log(config.original_max_position_embeddings))
+  return 1.0
+
+
+def rotary_dim_for(config: RopeConfig, head_dim: int) -> int:
+  """Number of rotating features per head: ``int(head_dim * partial_rotary_factor)``, which must be even."""
+  rotary_dim = int(head_dim * config.partial_rotary_factor)
+  if rotary_dim < 2 or rotary_dim % 2:
+    raise ValueError(
+        f"RopeConfig.partial_rotary_factor: {config.partial_rotary_factor} of head dim {head_dim} gives "
+        f"{rotary_dim} rotary features; it must be a positive even number"
+    )
+  _check_rotary_dim(config, rotary_dim, f"head dim {head_dim} x partial_rotary_factor {config.partial_rotary_factor}")
+  return rotary_dim
+
+
+def _check_rotary_dim(config: RopeConfig, rotary_dim: int, origin: str):
+  """Checks what can only be checked once the rotary dim is known (factor array lengths)."""
+  if rotary_dim < 2 or rotary_dim % 2:
+    raise ValueError(f"rotary_dim must be a positive even number, got {rotary_dim}")
+  if config.rope_type == "longrope":
+    for name in ("short_factor", "long_factor"):
+      if len(getattr(config, name)) != rotary_dim // 2:
+        raise ValueError(
+            f"RopeConfig.{name}: has {len(getattr(config, name))} entries but rotary dim {rotary_dim} ({origin}) "
+            f"needs {rotary_dim // 2}, one per rotary pair"
+        )
+  if config.rope_type in ("ntk", "dynamic") and rotary_dim <= 2:
+    raise ValueError(f"RopeConfig.rope_type: {config.rope_type!r} needs a rotary dim > 2, got {rotary_dim}")
+
+
+def rope_tables(config: RopeConfig, rotary_dim: int, seq_len: int | None = None) -> tuple[np.ndarray, float]:
+  """``(inv_freq_F, attention_scale)`` of ``config`` at current length ``seq_len``, float64 on the host."""
+  _check_rotary_dim(config, rotary_dim, "as given")
+  return inverse_frequencies(config, rotary_dim, seq_len), attention_scale(config)
+
+
+# --- Exact phases -------------------------------------------------------------------------------------------
+# Phases are in turns (1 turn = 2 pi rad). Positions split into _DIGITS digits of _DIGIT_BITS bits; each digit
+# level j carries frac(2^(bits j) * turns_per_position) as hi (a multiple of 2^-_HI_BITS) plus a float32 lo.
+# digit * hi is an integer < 2^(_DIGIT_BITS + _HI_BITS) = 2^24 over 2^_HI_BITS: exact in float32.
+
+_DIGIT_BITS = 11
+_DIGITS = 3  # 33 bits: every non-negative int32
+_HI_BITS = 13
+
+
+def _host_phase_tables(inv_freq_F) -> tuple[np.ndarray, np.ndarray]:
+  """``(hi, lo)``, each ``DxF`` float32, from float64 inverse frequencies."""
+  turns = np.asarray(inv_freq_F, np.float64) / (2 * np.pi)
+  level_scale = 2.0 ** (_DIGIT_BITS * np.arange(_DIGITS, dtype=np.float64))[:, None]
+  per_digit = np.mod(level_scale * turns, 1.0)  # exact in float64: power-of-two scale, then frac
+  hi = np.round(per_digit * 2.0**_HI_BITS) / 2.0**_HI_BITS
+  return hi.astype(np.float32), (per_digit - hi).astype(np.float32)
+
+
+def _device_phase_tables(turn_terms_F):
+  """Same tables on the device from turns-per-position given as a sum of float32 terms (exact for that sum).
+
+  Scaling a float32 by a power of two and taking its centred fractional part ``x - round(x)`` are exact, so each
+  term contributes an exact 13-bit part and a small remainder; only the remainders' sum is rounded.
+  """
+  level_scale = jnp.asarray(2.0 ** (_DIGIT_BITS * np.arange(_DIGITS)), jnp.float32)[:, None]
+  hi_sum, lo_sum = 0.0, 0.0
+  for term in turn_terms_F:
+    scaled = level_scale * jnp.asarray(term, jnp.float32)[None, :]
+    per_digit = scaled - jnp.round(scaled)
+    hi = jnp.round(per_digit * 2.0**_HI_BITS) / 2.0**_HI_BITS
+    hi_sum, lo_sum = hi_sum + hi, lo_sum + (per_digit - hi)
+  return hi_sum - jnp.round(hi_sum), lo_sum
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_phase_tables(config: RopeConfig, rotary_dim: int, seq_len: int | None, unscaled: bool = False):
+  inv_freq = (default_inverse_frequencies(rotary_dim, config.rope_theta) if unscaled
+              else inverse_frequencies(config, rotary_dim, seq_len))
+  return _host_phase_tables(inv_freq)
+
+
+def _phase_turns(positions_BxT, hi_DxF, lo_DxF):
+  """Phase ``m * u mod 1`` in ``[-1/2, 1/2]`` turns, ``BxTxF`` float32, for int32 positions."""
+  positions = jnp.asarray(positions_BxT).astype(jnp.int32)
+  magnitude = jnp.abs(positions)
+  whole = 0.0  # sum of exact multiples of 2^-13
+  fine = 0.0
+  for level in range(_DIGITS):
+    digit = ((magnitude >> (_DIGIT_BITS * level)) & ((1 << _DIGIT_BITS) - 1)).astype(jnp.float32)[..., None]
+    coarse = digit * hi_DxF[level]  # an integer below 2^24 over 2^13: exact, and so is its fractional part
+    whole = whole + (coarse - jnp.floor(coarse))
+    fine = fine + digit * lo_DxF[level]
+  turns = (whole - jnp.floor(whole)) + fine
+  turns = turns - jnp.round(turns)
+  return jnp.where(positions[..., None] < 0, -turns, turns)
+
+
+def _static_int(value):
+  """``value`` as a python int when it is known at trace time, else None."""
+  try:
+    return int(value)
+  except jax.errors.ConcretizationTypeError:
+    return None
+
+
+def _select_tables(use_first, first, second):
+  return tuple(jnp.where(use_first, a, b) for a, b in zip(first, second))
+
+
+def _dynamic_device_tables(config: RopeConfig, rotary_dim: int, seq_len):
+  """Dynamic-NTK tables for a traced length (see "Precision" in the module docstring).
+
+  ``w'_i = w_i * g^(-2i/(d-2))`` with ``g`` the dynamic scale. The static ``w_i`` enters as an exact float32
+  pair and only the correction ``w_i * expm1(-2i/(d-2) ln g)`` is rounded, so the highest frequency is exact and
+  the others carry the float32 error of ``ln g``.
+  """
+  length = config.original_max_position_embeddings
+  extra = jnp.maximum(jnp.asarray(seq_len, jnp.float32) - length, 0.0)  # exact integer
+  log_scale = jnp.log1p(config.factor * extra / length)  # g = s n/L - (s-1) = 1 + s (n - L)/L
+  exponents = jnp.asarray(np.arange(0, rotary_dim, 2) / (rotary_dim - 2), jnp.float32)
+  turns = default_inverse_frequencies(rotary_dim, config.rope_theta) / (2 * np.pi)
+  turns_hi = turns.astype(np.float32)
+  turns_lo = (turns - turns_hi).astype(np.float32)
+  correction = turns_hi * jnp.expm1(-exponents * log_scale)
+  return _device_phase_tables([turns_hi, turns_lo, correction])
+
+
+def rotation_turns(positions_BxT, config: RopeConfig, rotary_dim: int, *, seq_len=None):
+  """Rotation phase of every position and rotary pair, ``BxTxF`` float32 turns in ``[-1/2, 1/2]``."""
+  positions = jnp.asarray(positions_BxT).astype(jnp.int32)
+  kind = config.rope_type
+  if not config.length_dependent:
+    return _phase_turns(positions, *_cached_phase_tables(config, rotary_dim, None))
+  if seq_len is None:
+    seq_len = jnp.max(positions) + 1
+  static_len = _static_int(seq_len)
+  length = config.original_max_position_embeddings
+  if kind == "dynamic":
+    if static_len is not None:
+      tables = _cached_phase_tables(config, rotary_dim, max(static_len, length))
+    else:
+      tables = _select_tables(jnp.asarray(seq_len) > length, _dynamic_device_tables(config, rotary_dim, seq_len),
+                              _cached_phase_tables(config, rotary_dim, None))
+    return _phase_turns(positions, *tables)
+  # longrope: one table per regime, selected with jnp.where so a traced length works.
+  if static_len is not None:
+    tables = _cached_phase_tables(config, rotary_dim, length + 1 if static_len > length else None)
+  else:
+    tables = _select_tables(jnp.asarray(seq_len) > length, _cached_phase_tables(config, rotary_dim, length + 1),
+                            _cached_phase_tables(config, rotary_dim, None))
+  turns = _phase_turns(positions, *tables)
+  if config.n_hat:
+    unscaled = _phase_turns(positions, *_cached_phase_tables(config, rotary_dim, None, unscaled=True))
+    turns = jnp.where(positions[..., None] < config.n_hat, unscaled, turns)
+  return turns
+
+
+def rotation_regime(config: RopeConfig, seq_len):
+  """int32 id such that equal ids at two lengths => identical rotation of every position (see KV caches above).
+
+  0 for length-independent methods; LongRoPE: 0 (short factors) or 1 (long); dynamic NTK: 0 up to ``L``, then the
+  length itself. Works with a traced ``seq_len``.
+  """
+  seq_len = jnp.asarray(seq_len, jnp.int32)
+  length = config.original_max_position_embeddings
+  if config.rope_type == "longrope":
+    return (seq_len > length).astype(jnp.int32)
+  if config.rope_type == "dynamic":
+    return jnp.where(seq_len > length, seq_len, 0).astype(jnp.int32)
+  return jnp.zeros((), jnp.int32)
+
+
+# --- Rotation -----------------------------------------------------------------------------------------------
+
+
+def _rotate_by_turns(x_BxTxHxK, turns_BxTxF, scale):
+  angles = (2 * np.pi) * turns_BxTxF  # |turns| <= 1/2, so the angle is within [-pi, pi]
+  cos = (jnp.cos(angles) * scale)[:, :, None, :]
+  sin = (jnp.sin(angles) * scale)[:, :, None, :]
+  rotary = 2 * turns_BxTxF.shape[-1]
   x_rot, x_pass = x_BxTxHxK[..., :rotary], x_BxTxHxK[..., rotary:]
   x1, x2 = jnp.split(x_rot.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxHxK.dtype)
   return jnp.concatenate([rotated, x_pass], axis=-1) if x_pass.shape[-1] else rotated
 
 
-# --- Configuration -----------------------------------------------------------------------------------------
-# Keys follow Hugging Face's `rope_scaling` names so published configs load as they are. The full family of
-# context-extension methods (linear, ntk, dynamic, yarn, llama3, longrope) lives in this module.
+def _phase_tables_for(inv_freq_F):
+  """Host tables when the frequencies are known at trace time (float64 if given so), else device tables."""
+  try:
+    host = np.asarray(inv_freq_F, np.float64)
+  except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return _device_phase_tables(_exact_turn_terms(jnp.asarray(inv_freq_F, jnp.float32)))
+  return _host_phase_tables(host)
 
-import dataclasses
+
+def _exact_turn_terms(inv_freq_F):
+  """``inv_freq / 2 pi`` as float32 terms whose sum is exact to ~2^-48: a plain float32 division would round.
+
+  The frequency and 1/(2 pi) are split into 12-significant-bit parts, so the leading products are exact.
+  """
+  bits = jax.lax.bitcast_convert_type(inv_freq_F, jnp.uint32)
+  freq_hi = jax.lax.bitcast_convert_type(bits & jnp.uint32(0xFFFFF000), jnp.float32)  # top 12 significant bits
+  freq_lo = inv_freq_F - freq_hi  # exact: at most 12 significant bits
+  inverse_turn = 1 / (2 * np.pi)
+  inverse_turn_hi = np.round(inverse_turn * 2.0**14) / 2.0**14  # 12 significant bits each
+  inverse_turn_mid = np.round((inverse_turn - inverse_turn_hi) * 2.0**26) / 2.0**26
+  inverse_turn_lo = inverse_turn - inverse_turn_hi - inverse_turn_mid
+  terms = [part * np.float32(c) for c in (inverse_turn_hi, inverse_turn_mid) for part in (freq_hi, freq_lo)]
+  return terms + [inv_freq_F * np.float32(inverse_turn_lo)]
 
 
-@dataclasses.dataclass(frozen=True)
-class RopeConfig:
-  rope_type: str = "default"
-  rope_theta: float = 10000.0
+def rope_angles(positions_BxT, inv_freq_F):
+  """Angles ``m * w_i`` reduced to ``[-pi, pi]``, float32 ``BxTxF``, computed without float32 ``m*w`` error."""
+  return (2 * np.pi) * _phase_turns(positions_BxT, *_phase_tables_for(inv_freq_F))
 
-  def __post_init__(self):
-    if self.rope_type != "default":
-      raise ValueError(f"RopeConfig.rope_type: unknown {self.rope_type!r}; use 'default'")
-    if not self.rope_theta > 1:
-      raise ValueError(f"RopeConfig.rope_theta must be > 1, got {self.rope_theta}")
+
+def apply_rope(x_BxTxHxK, positions_BxT, inv_freq_F, attention_scale: float = 1.0):
+  """Rotates the first ``2*F`` features of every head by the angles of ``positions`` (half-split pairs)."""
+  turns = _phase_turns(positions_BxT, *_phase_tables_for(inv_freq_F))
+  return _rotate_by_turns(x_BxTxHxK, turns, attention_scale)
 
 
 def rotate(x_BxTxHxK, positions_BxT, config: RopeConfig, *, seq_len=None):
-  """Applies the rotary embedding described by ``config`` to every head of ``x``.
+  """Applies the rotary embedding described by ``config`` to every head of ``x`` (same shape and dtype).
 
-  ``seq_len`` is the current total length (for methods that switch or rescale with length); may be traced.
+  ``seq_len`` is the current total length (python int or traced int32 scalar), used by ``dynamic`` and
+  ``longrope``; ``None`` means ``max(positions) + 1``.
   """
-  del seq_len
-  inv_freq = default_inverse_frequencies(x_BxTxHxK.shape[-1], config.rope_theta)
-  return apply_rope(x_BxTxHxK, positions_BxT, inv_freq)
+  rotary_dim = rotary_dim_for(config, x_BxTxHxK.shape[-1])
+  turns = rotation_turns(positions_BxT, config, rotary_dim, seq_len=seq_len)
+  return _rotate_by_turns(x_BxTxHxK, turns, attention_scale(config))
+
+
+def rerotate(x_rotated_BxTxHxK, positions_BxT, config: RopeConfig, *, from_seq_len, to_seq_len):
+  """Maps keys rotated with ``seq_len=from_seq_len`` onto the rotation ``rotate`` uses at ``to_seq_len``.
+
+  For a cache whose ``rotation_regime`` changed (see the module docstring). The attention scale is
+  length-independent, so only the angle changes; both lengths may be traced.
+  """
+  rotary_dim = rotary_dim_for(config, x_rotated_BxTxHxK.shape[-1])
+  old = rotation_turns(positions_BxT, config, rotary_dim, seq_len=from_seq_len)
+  new = rotation_turns(positions_BxT, config, rotary_dim, seq_len=to_seq_len)
+  delta = new - old
+  return _rotate_by_turns(x_rotated_BxTxHxK, delta - jnp.round(delta), 1.0)
