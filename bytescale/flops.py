@@ -77,11 +77,9 @@ def stack_flops(stack: TransformerConfig, context: int, *, convention="exact", a
   _check(convention, attention)
   d, h, g, k, f = stack.d_model, stack.num_heads, stack.num_kv_heads, stack.head_dim, stack.mlp_hidden
   layers = stack.num_layers
-  if convention == "spacebyte":
-    # Its formula assumes square QKVO projections and a 2-matrix MLP of width e_ff*D; we count our real shapes.
-    projections = 2 * d * k * (2 * h + 2 * g)
-  else:
-    projections = 2 * d * k * (2 * h + 2 * g)
+  # SpaceByte's formula assumes square QKVO and a 2-matrix MLP of width e_ff*D; both conventions count our real
+  # shapes (grouped KV heads, 3-matrix SwiGLU) and differ only in how attention over the context is counted.
+  projections = 2 * d * k * (2 * h + 2 * g)
   keys = attended_keys(context, window=stack.window, convention=convention, attention=attention)
   attention_flops = 2 * 2 * h * k * keys  # scores q.k and the weighted sum of values
   mlp = 2 * 3 * d * f
