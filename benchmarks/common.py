@@ -1,0 +1,55 @@
+"""Helpers shared by the benchmarks: machine description, timing, results-file writing."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def machine() -> str:
+  device = jax.devices()[0]
+  kind = getattr(device, "device_kind", device.platform)
+  return (f"{platform.machine()} {os.cpu_count()} cores, {device.platform}:{kind} x{jax.device_count()}, "
+          f"jax {jax.__version__}, {datetime.date.today().isoformat()}")
+
+
+def time_call(fn, *, repeats: int = 5, warmup: int = 1) -> float:
+  """Median seconds of ``fn()`` (which must block until its result is ready)."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  times.sort()
+  return times[len(times) // 2]
+
+
+def measured_matmul_peak(dtype=jnp.float32, size: int | None = None) -> float:
+  """FLOP/s of a large square matmul on the default device, measured now (not a datasheet number)."""
+  size = size or (1024 if jax.default_backend() == "cpu" else 8192)
+  a = jnp.ones((size, size), dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  seconds = time_call(lambda: matmul(a, a).block_until_ready(), repeats=5)
+  return 2 * size**3 / seconds
+
+
+def write_section(path: str, title: str, body: str):
+  """Replaces (or appends) the section ``## title`` of a markdown results file."""
+  text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
+  header = f"## {title}"
+  start = text.find(header + "\n")
+  section = f"{header}\n\n{body.strip()}\n\n"
+  if start == -1:
+    text = text.rstrip() + "\n\n" + section
+  else:
+    end = text.find("\n## ", start + len(header))
+    text = text[:start] + section + (text[end + 1:] if end != -1 else "")
+  with open(path, "w") as f:
+    f.write(text.rstrip() + "\n")
