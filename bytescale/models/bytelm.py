@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from bytescale import vocab
+from bytescale import parallel, vocab
 from bytescale.configs import PRESETS, ByteLMConfig
 from bytescale.models.base import ModelOutput, register_model
 from bytescale.nn import Embedding, RMSNorm, TransformerStack
@@ -41,7 +41,7 @@ class ByteLM(nnx.Module):
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.ones_like(bytes_BxT)
     positions_BxT = segment_positions(segment_ids_BxT)
-    x = self.embed(bytes_BxT).astype(self.compute_dtype)
+    x = parallel.constrain(self.embed(bytes_BxT).astype(self.compute_dtype), ("batch", "sequence", "embed"))
     hidden = self.stack(x, positions_BxT, segment_ids_BxT)
     return ModelOutput(self.unembed(hidden), hidden)
 

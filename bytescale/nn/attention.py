@@ -1,4 +1,17 @@
-"""Multi-head attention with grouped KV heads, RoPE and an optional KV cache."""
+"""Multi-head attention with grouped KV heads, RoPE and an optional KV cache.
+
+RoPE and the cache. For most rope types a position rotates the same way at every sequence length. ``dynamic`` and
+``longrope`` (``RopeConfig.length_dependent``) rotate every position according to the current length: a full
+forward over n tokens uses the rotation of length n everywhere (``rope.rotation_regime`` names the rotation).
+When it changes (LongRoPE once, as the length passes ``original_max_position_embeddings``, and back after a
+rollback; dynamic NTK at every token beyond it) re-rotating cached keys is not enough: from the second layer on,
+keys and values are computed from attention outputs of the layer below, which depend on the rotation too. So
+``decode_recomputing_stale_rows`` recomputes every cached layer from the stack's stored inputs whenever a row's
+regime changed, and decodes incrementally otherwise. Decoding then equals the full forward at every length, row
+by row. The price: one pass over the whole cache at the LongRoPE switch; for dynamic NTK beyond ``L`` at every
+step (exactness for dynamic NTK means no reuse across lengths). A chunk of N tokens appended at once is computed
+as a full forward over the row at its final length would compute it.
+"""
 
 from __future__ import annotations
 
@@ -17,28 +30,38 @@ class Attention(nnx.Module):
     c = config
     self.config = c
     self.dtype = jnp.dtype(c.dtype)
-    self.wq_DxHxK = param(rngs, scaled_normal(c.d_model), (c.d_model, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"))
-    self.wk_DxGxK = param(rngs, scaled_normal(c.d_model), (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
-    self.wv_DxGxK = param(rngs, scaled_normal(c.d_model), (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
-    self.wo_HxKxD = param(
-        rngs, scaled_normal(c.num_heads * c.head_dim), (c.num_heads, c.head_dim, c.d_model), ("heads", "head_dim", "embed")
-    )
+    init = scaled_normal(c.d_model)
+    self.wq_DxHxK = param(rngs, init, (c.d_model, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"))
+    self.wk_DxGxK = param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
+    self.wv_DxGxK = param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
+    self.wo_HxKxD = param(rngs, scaled_normal(c.num_heads * c.head_dim), (c.num_heads, c.head_dim, c.d_model),
+                          ("heads", "head_dim", "embed"))
 
-  def _project(self, x_BxTxD, positions_BxT, seq_len):
+  def _project(self, x_BxTxD):
+    """Unrotated queries, keys and values."""
     x = x_BxTxD.astype(self.dtype)
     q = jnp.einsum("btd,dhk->bthk", x, self.wq_DxHxK[...].astype(self.dtype))
     k = jnp.einsum("btd,dgk->btgk", x, self.wk_DxGxK[...].astype(self.dtype))
     v = jnp.einsum("btd,dgk->btgk", x, self.wv_DxGxK[...].astype(self.dtype))
-    q = rope.rotate(q, positions_BxT, self.config.rope, seq_len=seq_len)
-    k = rope.rotate(k, positions_BxT, self.config.rope, seq_len=seq_len)
     return q, k, v
+
+  def _rotate_rows(self, x_BxTxHxK, positions_BxT, seq_len_B):
+    """RoPE at each row's own current length (length-dependent rope types rotate according to it)."""
+    config = self.config.rope
+    if not config.length_dependent:
+      return rope.rotate(x_BxTxHxK, positions_BxT, config, seq_len=jnp.max(seq_len_B))
+    rotate_row = lambda x, positions, seq_len: rope.rotate(x[None], positions[None], config, seq_len=seq_len)[0]
+    return jax.vmap(rotate_row)(x_BxTxHxK, positions_BxT, seq_len_B)
 
   def _output(self, out_BxTxHxK):
     return jnp.einsum("bthk,hkd->btd", out_BxTxHxK, self.wo_HxKxD[...].astype(self.dtype))
 
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
     """Self-attention over a whole (packed) sequence."""
-    q, k, v = self._project(x_BxTxD, positions_BxT, x_BxTxD.shape[1])
+    q, k, v = self._project(x_BxTxD)
+    seq_len = x_BxTxD.shape[1]
+    q = rope.rotate(q, positions_BxT, self.config.rope, seq_len=seq_len)
+    k = rope.rotate(k, positions_BxT, self.config.rope, seq_len=seq_len)
     out = attention_ops.attention(
         q, k, v,
         q_positions_BxT=positions_BxT, kv_positions_BxS=positions_BxT,
@@ -47,15 +70,20 @@ class Attention(nnx.Module):
     )
     return self._output(out)
 
-  def decode(self, x_BxNxD, k_cache_BxSxGxK, v_cache_BxSxGxK, lengths_B):
+  def decode(self, x_BxNxD, k_cache_BxSxGxK, v_cache_BxSxGxK, lengths_B, seq_len_B=None):
     """Appends N tokens per row at each row's ``lengths`` and attends over the cache.
 
-    Generation is one document per row starting at position 0, so cache slot s holds position s.
+    Generation is one document per row starting at position 0, so cache slot s holds position s. ``seq_len_B``
+    is each row's current length for length-dependent rope (default ``lengths + N``); a recompute of the whole
+    cache passes the rows' real lengths (see the module docstring).
     """
     n = x_BxNxD.shape[1]
     max_len = k_cache_BxSxGxK.shape[1]
     positions_BxN = lengths_B[:, None] + jnp.arange(n, dtype=jnp.int32)
-    q, k, v = self._project(x_BxNxD, positions_BxN, lengths_B.max() + n)
+    seq_len_B = lengths_B + n if seq_len_B is None else seq_len_B
+    q, k, v = self._project(x_BxNxD)
+    q = self._rotate_rows(q, positions_BxN, seq_len_B)
+    k = self._rotate_rows(k, positions_BxN, seq_len_B)
     write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, axis=0))
     k_cache = write(k_cache_BxSxGxK, k.astype(k_cache_BxSxGxK.dtype), lengths_B)
     v_cache = write(v_cache_BxSxGxK, v.astype(v_cache_BxSxGxK.dtype), lengths_B)
@@ -68,3 +96,35 @@ class Attention(nnx.Module):
         causal=True, window=self.config.window, impl=self.config.attention_impl,
     )
     return self._output(out), k_cache, v_cache
+
+
+def decode_recomputing_stale_rows(run_layers, x_BxNxD, cache, rope_config):
+  """Cached decoding for length-dependent rope that equals the full forward at every length.
+
+  ``run_layers(x_BxNxD, k_LxBxSxGxK, v_LxBxSxGxK, lengths_B, seq_len_B) -> (x, k, v)`` runs the stack's layers
+  in decode mode. ``cache`` is a ``KVCache`` with ``inputs_BxSxD`` (the stack input of every slot) and
+  ``regime_B`` (the rotation regime its keys and values were computed under). If any row that holds tokens
+  changes regime, every slot of every row is recomputed from the stored inputs at the rows' new lengths (slots
+  past a row's length hold stale inputs: causal masking keeps them out of real positions, and they are written
+  again before they are read); otherwise the step is an ordinary incremental one.
+  """
+  n = x_BxNxD.shape[1]
+  lengths_B = cache.lengths_B
+  seq_len_B = lengths_B + n
+  write = jax.vmap(lambda buffer, new, start: jax.lax.dynamic_update_slice_in_dim(buffer, new, start, axis=0))
+  inputs_BxSxD = write(cache.inputs_BxSxD, x_BxNxD.astype(cache.inputs_BxSxD.dtype), lengths_B)
+  regime_B = rope.rotation_regime(rope_config, seq_len_B)
+  stale = jnp.any((regime_B != cache.regime_B) & (lengths_B > 0))
+
+  def incremental():
+    return run_layers(x_BxNxD, cache.k_LxBxSxGxK, cache.v_LxBxSxGxK, lengths_B, seq_len_B)
+
+  def recompute():
+    everything = inputs_BxSxD.astype(x_BxNxD.dtype)
+    x_BxSxD, k, v = run_layers(everything, cache.k_LxBxSxGxK, cache.v_LxBxSxGxK, jnp.zeros_like(lengths_B), seq_len_B)
+    new_slots_BxN = lengths_B[:, None] + jnp.arange(n, dtype=jnp.int32)
+    return jnp.take_along_axis(x_BxSxD, new_slots_BxN[..., None], axis=1), k, v
+
+  x, k, v = jax.lax.cond(stale, recompute, incremental)
+  return x, cache.replace(k_LxBxSxGxK=k, v_LxBxSxGxK=v, lengths_B=seq_len_B, inputs_BxSxD=inputs_BxSxD,
+                          regime_B=regime_B)

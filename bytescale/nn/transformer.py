@@ -7,8 +7,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from bytescale import parallel
 from bytescale.configs import TransformerConfig
-from bytescale.nn.attention import Attention
+from bytescale.nn.attention import Attention, decode_recomputing_stale_rows
 from bytescale.nn.layers import RMSNorm, SwiGLU
 
 REMAT_POLICIES = {
@@ -29,8 +30,9 @@ class Block(nnx.Module):
     x = x_BxTxD + self.attention(self.attention_norm(x_BxTxD), positions_BxT, segment_ids_BxT).astype(x_BxTxD.dtype)
     return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
 
-  def decode(self, x_BxNxD, k_cache, v_cache, lengths_B):
-    attended, k_cache, v_cache = self.attention.decode(self.attention_norm(x_BxNxD), k_cache, v_cache, lengths_B)
+  def decode(self, x_BxNxD, k_cache, v_cache, lengths_B, seq_len_B=None):
+    attended, k_cache, v_cache = self.attention.decode(self.attention_norm(x_BxNxD), k_cache, v_cache, lengths_B,
+                                                       seq_len_B)
     x = x_BxNxD + attended.astype(x_BxNxD.dtype)
     return x + self.mlp(self.mlp_norm(x)).astype(x.dtype), k_cache, v_cache
 
@@ -42,6 +44,10 @@ class KVCache:
   k_LxBxSxGxK: jax.Array
   v_LxBxSxGxK: jax.Array
   lengths_B: jax.Array
+  # Length-dependent rope only (dynamic, longrope), else None: the stack input of every slot and the rotation
+  # regime the keys and values were computed under, so decode can recompute them when it changes (see attention).
+  inputs_BxSxD: jax.Array | None = None
+  regime_B: jax.Array | None = None
 
   @property
   def max_len(self) -> int:
@@ -82,7 +88,8 @@ class TransformerStack(nnx.Module):
     graphdef, state = nnx.split(self.blocks)
 
     def layer(x, layer_state):
-      return nnx.merge(graphdef, layer_state)(x, positions_BxT, segment_ids_BxT), None
+      x = nnx.merge(graphdef, layer_state)(x, positions_BxT, segment_ids_BxT)
+      return parallel.constrain(x, ("batch", "sequence", "embed")), None  # no-op without a mesh
 
     layer = self._layer_fn(layer)
     if self.config.scan_layers:
@@ -96,18 +103,28 @@ class TransformerStack(nnx.Module):
     c = self.config
     shape = (c.num_layers, batch, max_len, c.num_kv_heads, c.head_dim)
     dtype = jnp.dtype(dtype or c.dtype)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+    cache = KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+    if c.rope.length_dependent:
+      cache = cache.replace(inputs_BxSxD=jnp.zeros((batch, max_len, c.d_model), c.dtype),
+                            regime_B=jnp.zeros((batch,), jnp.int32))
+    return cache
 
   def decode(self, x_BxNxD, cache: KVCache):
     """Runs N new tokens per row through every layer, appending them to ``cache``."""
     graphdef, state = nnx.split(self.blocks)
 
-    def layer(x, inputs):
-      layer_state, k_cache, v_cache = inputs
-      x, k_cache, v_cache = nnx.merge(graphdef, layer_state).decode(x, k_cache, v_cache, cache.lengths_B)
-      return x, (k_cache, v_cache)
+    def run_layers(x_BxNxD, k_LxBxSxGxK, v_LxBxSxGxK, lengths_B, seq_len_B=None):
+      def layer(x, inputs):
+        layer_state, k_cache, v_cache = inputs
+        x, k_cache, v_cache = nnx.merge(graphdef, layer_state).decode(x, k_cache, v_cache, lengths_B, seq_len_B)
+        return x, (k_cache, v_cache)
 
-    x, (k, v) = jax.lax.scan(layer, x_BxNxD, (state, cache.k_LxBxSxGxK, cache.v_LxBxSxGxK))
-    return x, KVCache(k, v, cache.lengths_B + x_BxNxD.shape[1])
+      x, (k, v) = jax.lax.scan(layer, x_BxNxD, (state, k_LxBxSxGxK, v_LxBxSxGxK))
+      return x, k, v
+
+    if cache.inputs_BxSxD is not None:  # length-dependent rope: recompute when the rotation changes
+      return decode_recomputing_stale_rows(run_layers, x_BxNxD, cache, self.config.rope)
+    x, k, v = run_layers(x_BxNxD, cache.k_LxBxSxGxK, cache.v_LxBxSxGxK, cache.lengths_B)
+    return x, cache.replace(k_LxBxSxGxK=k, v_LxBxSxGxK=v, lengths_B=cache.lengths_B + x_BxNxD.shape[1])
 
 

@@ -59,9 +59,13 @@ Every other method has a single regime (0).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
+import json
 import math
+import os
 from typing import Any
 
 import jax
@@ -500,6 +504,62 @@ def _dynamic_device_tables(config: RopeConfig, rotary_dim: int, seq_len):
   return _device_phase_tables([turns_hi, turns_lo, correction])
 
 
+# --- Traced LongRoPE factors (for factor searches) ------------------------------------------------------------
+# A RopeConfig is static (it lives in the model's graph definition), so a search that scores many candidate factor
+# arrays would recompile the model for each. Inside `traced_longrope_factors(config, ...)` every rotation with a
+# config equal to `config` reads the given arrays instead, which may be jit inputs: one compile scores them all.
+
+
+@dataclasses.dataclass(frozen=True)
+class _LongRopeOverride:
+  config: RopeConfig
+  short_factor: Any
+  long_factor: Any
+  n_hat: Any
+
+
+_LONGROPE_OVERRIDES: contextvars.ContextVar[tuple[_LongRopeOverride, ...]] = contextvars.ContextVar(
+    "bytescale_longrope_overrides", default=())
+
+
+@contextlib.contextmanager
+def traced_longrope_factors(config: RopeConfig, *, short_factor=None, long_factor=None, n_hat=None):
+  """Within the block, rotations by ``config`` (a ``longrope`` config) use these factors and ``n_hat``.
+
+  Each may be a (traced) array: ``short_factor``/``long_factor`` of shape ``rotary_dim/2``, ``n_hat`` an int
+  scalar; ``None`` keeps the config's own. Use it inside the jitted function, around the model call, so the
+  override is seen while tracing. The frequencies ``w_i / lambda_i`` are then float32 numbers (a relative error
+  of ~6e-8, the same for queries and keys, so relative positions stay exact); the phases stay exact for them.
+  """
+  if config.rope_type != "longrope":
+    raise ValueError(f"traced_longrope_factors needs a 'longrope' config, got rope_type {config.rope_type!r}")
+  override = _LongRopeOverride(config, short_factor, long_factor, n_hat)
+  token = _LONGROPE_OVERRIDES.set(_LONGROPE_OVERRIDES.get() + (override,))
+  try:
+    yield
+  finally:
+    _LONGROPE_OVERRIDES.reset(token)
+
+
+def _active_longrope_override(config: RopeConfig):
+  for override in reversed(_LONGROPE_OVERRIDES.get()):
+    if override.config == config:
+      return override
+  return None
+
+
+def _overridden_longrope_tables(config: RopeConfig, rotary_dim: int, override: _LongRopeOverride, long: bool):
+  factors = override.long_factor if long else override.short_factor
+  if factors is None:
+    return _cached_phase_tables(config, rotary_dim, config.original_max_position_embeddings + 1 if long else None)
+  factors = jnp.asarray(factors, jnp.float32)
+  if factors.shape != (rotary_dim // 2,):
+    raise ValueError(f"traced_longrope_factors: {'long' if long else 'short'}_factor has shape {factors.shape}, "
+                     f"rotary dim {rotary_dim} needs ({rotary_dim // 2},)")
+  base = jnp.asarray(default_inverse_frequencies(rotary_dim, config.rope_theta), jnp.float32)
+  return _device_phase_tables(_exact_turn_terms(base / factors))
+
+
 def rotation_turns(positions_BxT, config: RopeConfig, rotary_dim: int, *, seq_len=None):
   """Rotation phase of every position and rotary pair, ``BxTxF`` float32 turns in ``[-1/2, 1/2]``."""
   positions = jnp.asarray(positions_BxT).astype(jnp.int32)
@@ -518,15 +578,21 @@ def rotation_turns(positions_BxT, config: RopeConfig, rotary_dim: int, *, seq_le
                               _cached_phase_tables(config, rotary_dim, None))
     return _phase_turns(positions, *tables)
   # longrope: one table per regime, selected with jnp.where so a traced length works.
-  if static_len is not None:
-    tables = _cached_phase_tables(config, rotary_dim, length + 1 if static_len > length else None)
+  override = _active_longrope_override(config)
+  if override is None:
+    regime_tables = lambda long: _cached_phase_tables(config, rotary_dim, length + 1 if long else None)
+    n_hat = config.n_hat
   else:
-    tables = _select_tables(jnp.asarray(seq_len) > length, _cached_phase_tables(config, rotary_dim, length + 1),
-                            _cached_phase_tables(config, rotary_dim, None))
+    regime_tables = lambda long: _overridden_longrope_tables(config, rotary_dim, override, long)
+    n_hat = config.n_hat if override.n_hat is None else override.n_hat
+  if static_len is not None:
+    tables = regime_tables(static_len > length)
+  else:
+    tables = _select_tables(jnp.asarray(seq_len) > length, regime_tables(True), regime_tables(False))
   turns = _phase_turns(positions, *tables)
-  if config.n_hat:
+  if not (isinstance(n_hat, int) and n_hat == 0):  # a traced n_hat always takes the select
     unscaled = _phase_turns(positions, *_cached_phase_tables(config, rotary_dim, None, unscaled=True))
-    turns = jnp.where(positions[..., None] < config.n_hat, unscaled, turns)
+    turns = jnp.where(positions[..., None] < n_hat, unscaled, turns)
   return turns
 
 
@@ -617,3 +683,120 @@ def rerotate(x_rotated_BxTxHxK, positions_BxT, config: RopeConfig, *, from_seq_l
   new = rotation_turns(positions_BxT, config, rotary_dim, seq_len=to_seq_len)
   delta = new - old
   return _rotate_by_turns(x_rotated_BxTxHxK, delta - jnp.round(delta), 1.0)
+
+
+# --- Per-pair rescale factors and model configs -------------------------------------------------------------
+
+
+def rescale_factors(config: RopeConfig, rotary_dim: int, seq_len: int | None = None) -> np.ndarray:
+  """LongRoPE's view of any method: ``lambda_i = w_i / w'_i`` (float64), e.g. to seed a factor search.
+
+  Position interpolation gives ``s`` everywhere, NTK ``s^(2i/(d-2))``, YaRN ``1/(1 - ramp + ramp/s)``.
+  """
+  _check_rotary_dim(config, rotary_dim, "as given")
+  return default_inverse_frequencies(rotary_dim, config.rope_theta) / inverse_frequencies(config, rotary_dim, seq_len)
+
+
+# Every stack of a model config (a nested frozen dataclass) carries its own RopeConfig, e.g. `stack.rope` for
+# ByteLM; a multiscale model's global stack rotates patch positions and its local stacks byte positions.
+
+
+def rope_paths(model_config) -> list[str]:
+  """Dotted paths of every ``RopeConfig`` inside ``model_config`` (``['stack.rope']`` for ByteLM)."""
+  found = []
+
+  def walk(node, prefix):
+    for field in dataclasses.fields(node):
+      value = getattr(node, field.name)
+      if isinstance(value, RopeConfig):
+        found.append(prefix + field.name)
+      elif dataclasses.is_dataclass(value):
+        walk(value, prefix + field.name + ".")
+
+  walk(model_config, "")
+  return found
+
+
+def _checked_rope_path(model_config, path: str) -> str:
+  available = rope_paths(model_config)
+  if path in available:
+    return path
+  matches = [p for p in available if p == path + ".rope" or p.endswith("." + path) or p.endswith("." + path + ".rope")]
+  if len(matches) != 1:
+    raise ValueError(f"rope path {path!r} {'is ambiguous' if matches else 'names no RopeConfig'} in "
+                     f"{type(model_config).__name__}; its rope paths are {available}")
+  return matches[0]
+
+
+def get_rope(model_config, path: str) -> RopeConfig:
+  """The ``RopeConfig`` at ``path`` (a rope path, or the stack holding it: ``stack`` means ``stack.rope``)."""
+  node = model_config
+  for name in _checked_rope_path(model_config, path).split("."):
+    node = getattr(node, name)
+  return node
+
+
+def replace_rope(model_config, rope_config: RopeConfig, paths=None):
+  """``model_config`` with the RopeConfig at each of ``paths`` (default: every one) replaced by ``rope_config``."""
+  if not isinstance(rope_config, RopeConfig):
+    raise TypeError(f"replace_rope needs a RopeConfig, got {type(rope_config).__name__}")
+
+  def replaced(node, names):
+    if not names:
+      return rope_config
+    return dataclasses.replace(node, **{names[0]: replaced(getattr(node, names[0]), names[1:])})
+
+  for path in rope_paths(model_config) if paths is None else paths:
+    model_config = replaced(model_config, _checked_rope_path(model_config, path).split("."))
+  return model_config
+
+
+def read_rope_scaling(source) -> dict:
+  """A dict from ``source``: a dict as it is, a JSON string starting with ``{``, or the path of a JSON file."""
+  if isinstance(source, dict):
+    return dict(source)
+  if isinstance(source, (str, os.PathLike)) and str(source).lstrip().startswith("{"):
+    data = json.loads(str(source))
+  else:
+    with open(source) as handle:
+      data = json.load(handle)
+  if not isinstance(data, dict):
+    raise ValueError(f"rope scaling source {source!r}: expected a JSON object, got {type(data).__name__}")
+  return data
+
+
+def rope_config_from_scaling(source, base: RopeConfig | None = None) -> RopeConfig:
+  """A RopeConfig from a ``rope_scaling`` block, or from a whole HF-style model config that holds one.
+
+  A dict (or JSON file) with a ``rope_scaling`` (or ``rope_parameters``) key is read as a model config: its
+  top-level ``rope_theta``, ``max_position_embeddings``, ``original_max_position_embeddings`` and
+  ``partial_rotary_factor`` are used as ``RopeConfig.from_hf`` does; other top-level keys are ignored. Anything
+  else is the block itself, whose keys must all be known. ``rope_theta`` and ``partial_rotary_factor`` default to
+  ``base``'s (the values the model was trained with).
+  """
+  data = read_rope_scaling(source)
+  base = base or RopeConfig()
+  wrapper_key = next((k for k in ("rope_scaling", "rope_parameters") if k in data), None)
+  block, top = (data[wrapper_key] or {}, data) if wrapper_key else (data, {})
+  return RopeConfig.from_hf(
+      block,
+      rope_theta=top.get("rope_theta", base.rope_theta),
+      max_position_embeddings=top.get("max_position_embeddings"),
+      original_max_position_embeddings=top.get("original_max_position_embeddings"),
+      partial_rotary_factor=top.get("partial_rotary_factor", base.partial_rotary_factor),
+  )
+
+
+def apply_rope_scaling(model_config, source, paths=None):
+  """``model_config`` with a ``rope_scaling`` block (dict, JSON string or file) loaded into its stacks.
+
+  ``paths`` picks the stacks (rope paths such as ``stack.rope``, or ``stack``); by default the ones the file
+  names under ``bytescale_rope_paths`` (written by ``bytescale rope-search``), else every stack. Each stack keeps
+  its own ``rope_theta`` and ``partial_rotary_factor`` unless the source sets them.
+  """
+  data = read_rope_scaling(source)
+  if paths is None:
+    paths = data.get("bytescale_rope_paths") or rope_paths(model_config)
+  for path in paths:
+    model_config = replace_rope(model_config, rope_config_from_scaling(data, get_rope(model_config, path)), [path])
+  return model_config

@@ -8,6 +8,7 @@ renames it when complete, so a run killed mid-save never damages a checkpoint al
 
 from __future__ import annotations
 
+import json
 import os
 
 import grain
@@ -18,8 +19,13 @@ from bytescale import configs
 
 
 def _abstract(tree):
-  """Shape/dtype/sharding of every leaf: restoring onto this reshards onto the target's devices."""
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+  """Shape/dtype/sharding of every leaf: restoring onto this reshards onto the target's devices.
+
+  Leaves that are already ``jax.ShapeDtypeStruct``s (e.g. ``ShardedTraining.abstract_state``, carrying a
+  mesh's shardings) are kept, so a checkpoint saved on one mesh restores straight onto another.
+  """
+  keep = lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else ocp.utils.to_shape_dtype_struct(x)  # noqa: E731
+  return jax.tree.map(keep, tree)
 
 
 class Checkpointer:
@@ -43,17 +49,46 @@ class Checkpointer:
     return saved
 
   def restore(self, state_like, *, data_iterator=None, step: int | None = None):
-    """Restores into the structure (and shardings) of ``state_like``; the data iterator is updated in place."""
+    """Restores into the structure (and shardings) of ``state_like``, concrete or abstract (then nothing is
+    allocated before the restore); the data iterator is updated in place."""
     step = self.latest_step() if step is None else step
     items = {"state": ocp.args.StandardRestore(_abstract(state_like))}
+    data_state = None
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      data_state = _data_state_for_other_process_layout(os.path.join(self.directory, str(step), "data"))
+      if data_state is None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if data_state is not None:
+      data_iterator.set_state(data_state)
     return restored["state"]
 
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def _data_state_for_other_process_layout(data_dir: str) -> dict | None:
+  """The iterator state saved by a run with a different number of processes, or None if this layout saved one.
+
+  grain writes one ``process_<i>-of-<n>.json`` per process. Every process of a bytescale run walks the same
+  sequence of global batches (it only packs its own rows of each), so all files hold the same position and any
+  of them resumes a run with another process count (the rows a process packs follow from the new mesh).
+  """
+  own = os.path.join(data_dir, f"process_{jax.process_index()}-of-{jax.process_count()}.json")
+  if os.path.exists(own) or not os.path.isdir(data_dir):
+    return None
+  states = []
+  for name in sorted(os.listdir(data_dir)):
+    if name.startswith("process_") and name.endswith(".json"):
+      with open(os.path.join(data_dir, name)) as f:
+        states.append(json.load(f))
+  if not states:
+    return None
+  if any(state != states[0] for state in states):
+    raise ValueError(f"{data_dir}: the processes saved different data-iterator states; resume with the same "
+                     f"number of processes ({len(states)})")
+  return states[0]
 
 
 def read_meta(directory: str, step: int | None = None) -> dict:
@@ -87,12 +122,14 @@ def load_model(directory: str, step: int | None = None):
   target = {"params": params, "frozen": frozen}
   root = checkpoint_root(directory)
   manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(create=False))
-  # Restore the model variables alone (optimizer state is not needed for inference).
+  # Restore the model variables alone (optimizer state is not needed for inference), onto this process's
+  # default device whatever mesh saved them: restore args carry the target shardings.
+  abstract = _abstract(target)
   restored = manager.restore(
       meta["step"],
       args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=_abstract(target),
-          restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(), target),
+          item=abstract,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
           partial_restore=True,
       )),
   )

@@ -4,6 +4,12 @@ One call trains (or resumes) a run in ``out_dir``: data -> jitted train step wit
 bar and JSON-lines metrics -> orbax checkpoints every ``checkpoint_every`` steps and on SIGTERM/SIGINT ->
 validation bits per byte. Rerunning with the same ``out_dir`` resumes from the last checkpoint, data iterator
 included, so the resumed losses equal an uninterrupted run's step for step.
+
+Training always runs over a device mesh (``bytescale.parallel``): the train state is created already sharded
+(``jax.jit`` with ``out_shardings``, never whole on one device), the step is jitted with in/out shardings and
+donates the old state, and each process loads only its rows of every global batch. With no ``mesh_config``
+the mesh is ``data=-1``: data parallel over every device (one device: the plain single-device run). A
+checkpoint restores onto whatever mesh the resumed run uses.
 """
 
 from __future__ import annotations
@@ -16,10 +22,11 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from bytescale import configs
+from bytescale import configs, parallel
 from bytescale.data.pipeline import ByteCorpus, DataConfig, train_iterator
 from bytescale.models import build_model, model_name_for
 from bytescale.train.checkpoint import Checkpointer
@@ -37,6 +44,84 @@ class TrainResult:
   graphdef: object
   state: object
   summary: dict
+  mesh: object = None
+
+
+@dataclasses.dataclass
+class ShardedTraining:
+  """Everything the loop needs to train one model on one mesh (see :func:`sharded_training`)."""
+
+  mesh: jax.sharding.Mesh
+  rules: parallel.Rules
+  graphdef: object
+  abstract_state: object  # ShapeDtypeStructs carrying the target shardings: restore onto this to reshard
+  state_shardings: object
+  init_state: object  # () -> TrainState, created sharded
+  train_step: object  # (state, global batch) -> (state, metrics); donates state
+  eval_fn: object  # (params, frozen, numpy batch every process holds) -> (nll_sum, count)
+  global_batch: int
+
+  def shard_batch(self, local_batch: dict) -> dict:
+    """This process's rows (numpy) -> global arrays sharded over the batch mesh axes."""
+    return parallel.shard_batch(local_batch, self.mesh, self.global_batch, self.rules)
+
+  def data_slice(self) -> tuple[int, int]:
+    """``(process_index, process_count)`` for ``train_iterator``: which rows this process loads."""
+    return parallel.process_batch_slice(self.mesh, self.global_batch, self.rules)
+
+
+def sharded_training(model_config, train_config: configs.TrainConfig, mesh, rules: parallel.Rules = None, *,
+                     loss_fn=next_byte_loss, optimizer=None) -> ShardedTraining:
+  """Sharded init, train step and eval step for ``model_config`` on ``mesh``.
+
+  Parameter and optimizer-state shardings come from the parameters' logical names through ``rules``
+  (default ``parallel.LOGICAL_AXIS_RULES``); a dimension that does not divide its mesh axes raises
+  ``parallel.ShardingError`` here, before anything is compiled.
+  """
+  tc = train_config
+  rules = parallel.LOGICAL_AXIS_RULES if rules is None else rules
+  optimizer = optimizer or make_optimizer(tc)
+  graphdefs = []
+
+  def create():
+    graphdef, state = init_train_state(build_model(model_config, seed=tc.seed), optimizer)
+    graphdefs.append(graphdef)
+    return state
+
+  with jax.set_mesh(mesh), parallel.axis_rules(rules):
+    shapes = jax.eval_shape(create)
+    state_shardings = parallel.tree_shardings(shapes, mesh, rules)
+    param_specs = parallel.tree_specs(shapes.params, mesh, rules)
+    batch_shardings = {key: parallel.batch_sharding(mesh, (tc.batch_size, tc.seq_len), rules) for key in BATCH_KEYS}
+  graphdef = graphdefs[0]
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes,
+                                state_shardings)
+  # On an Explicit mesh the model body runs under auto_axes (see parallel.explicit_loss); on Auto it is unchanged.
+  mesh_loss = parallel.explicit_loss(loss_fn, param_specs) if parallel.is_explicit(mesh) else loss_fn
+  replicated = NamedSharding(mesh, P())
+
+  def in_context(fn):
+    """Traces ``fn`` with ``mesh`` and ``rules`` active, so ``parallel.constrain`` inside models sees them."""
+    def wrapped(*args):
+      with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), parallel.axis_rules(rules):
+        return fn(*args)
+    return wrapped
+
+  train_step = jax.jit(in_context(make_train_step(graphdef, optimizer, mesh_loss)),
+                       in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated),
+                       donate_argnums=0)
+  eval_step = jax.jit(in_context(make_eval_step(graphdef, mesh_loss)),
+                      in_shardings=(state_shardings.params, state_shardings.frozen, batch_shardings),
+                      out_shardings=replicated)
+
+  def eval_fn(params, frozen, batch):
+    return eval_step(params, frozen, parallel.shard_global_batch(batch, mesh, rules))
+
+  return ShardedTraining(
+      mesh=mesh, rules=rules, graphdef=graphdef, abstract_state=abstract_state, state_shardings=state_shardings,
+      init_state=jax.jit(in_context(create), out_shardings=state_shardings), train_step=train_step,
+      eval_fn=eval_fn, global_batch=tc.batch_size,
+  )
 
 
 class _StopFlag:
@@ -73,44 +158,51 @@ def train(
     loss_fn=next_byte_loss,
     progress: bool = True,
     corpus: ByteCorpus | None = None,
+    mesh_config: parallel.MeshConfig | None = None,
 ) -> TrainResult:
   tc = train_config
   model_name = model_name_for(model_config)
-  os.makedirs(out_dir, exist_ok=True)
+  mesh_config = mesh_config or parallel.MeshConfig()
+  mesh = parallel.make_mesh(mesh_config)
   corpus = corpus or ByteCorpus.load(data_config)
-  model = build_model(model_config, seed=tc.seed)
-  optimizer = make_optimizer(tc)
-  graphdef, state = init_train_state(model, optimizer)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-  iterator = train_iterator(corpus, data_config)
+  setup = sharded_training(model_config, tc, mesh, mesh_config.resolved_rules(), loss_fn=loss_fn)
+  graphdef, train_step, eval_fn = setup.graphdef, setup.train_step, setup.eval_fn
+  data_index, data_count = setup.data_slice()
+  lead = jax.process_index() == 0  # only the first process writes metrics and progress
+  os.makedirs(out_dir, exist_ok=True)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
+  iterator = train_iterator(corpus, data_config, process_index=data_index, process_count=data_count)
   meta = {
       "model": model_name, "preset": preset,
       "model_config": configs.to_dict(model_config),
       "train_config": configs.to_dict(tc),
       "data_config": dataclasses.asdict(data_config),
   }
-  checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=tc.keep_checkpoints, save_every=tc.checkpoint_every)
+  checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=tc.keep_checkpoints,
+                              save_every=tc.checkpoint_every)
   start_step = checkpointer.latest_step() or 0
   if start_step:
     _check_same_run(out_dir, meta)
-    state = checkpointer.restore(state, data_iterator=iterator)
-    _log(f"resuming {out_dir} from step {start_step}")
+    # Restoring onto abstract arrays with this mesh's shardings reshards a checkpoint saved on any other mesh.
+    state = checkpointer.restore(setup.abstract_state, data_iterator=iterator)
+    if lead:
+      _log(f"resuming {out_dir} from step {start_step}")
+  else:
+    state = setup.init_state()
 
-  train_step = jax.jit(make_train_step(graphdef, optimizer, loss_fn), donate_argnums=0)
-  eval_fn = jax.jit(make_eval_step(graphdef, loss_fn))
   schedule = learning_rate_schedule(tc)
-  metrics_file = JsonlWriter(os.path.join(out_dir, "metrics.jsonl"))
+  metrics_file = JsonlWriter(os.path.join(out_dir, "metrics.jsonl")) if lead else None
   bytes_per_step = tc.batch_size * tc.seq_len
   step = start_step
   trained_steps, train_seconds = 0, 0.0
   stopped_by = None
   rate, metrics = 0.0, {}
-  bar = tqdm(total=tc.steps, initial=start_step, disable=not progress, file=sys.stderr, dynamic_ncols=True,
-             desc=f"train {model_name}/{preset}")
+  bar = tqdm(total=tc.steps, initial=start_step, disable=not (progress and lead), file=sys.stderr,
+             dynamic_ncols=True, desc=f"train {model_name}/{preset}")
   started = time.perf_counter()
-  with _StopFlag() as stop:
+  with _StopFlag() as stop, jax.set_mesh(mesh):
     while step < tc.steps:
-      batch = {k: v for k, v in next(iterator).items() if k in BATCH_KEYS}
+      batch = setup.shard_batch({k: v for k, v in next(iterator).items() if k in BATCH_KEYS})
       tick = time.perf_counter()
       state, metrics = train_step(state, batch)
       metrics = jax.device_get(metrics)
@@ -124,36 +216,54 @@ def train(
         record = {"step": step, "lr": float(schedule(step - 1)), "bytes_per_s": rate,
                   **{k: float(v) for k, v in metrics.items()}}
         if tc.eval_every and step % tc.eval_every == 0:
-          record["val_bpb"], _ = evaluate_bpb(graphdef, state.params, corpus.validation_tokens, frozen=state.frozen, seq_len=tc.seq_len,
-                                              batch_size=tc.batch_size, max_batches=tc.eval_batches, eval_fn=eval_fn)
-        metrics_file.write(record)
-        bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", bpb=f"{float(metrics['bpb']):.3f}", bytes_s=f"{rate:,.0f}")
+          record["val_bpb"], _ = evaluate_bpb(graphdef, state.params, corpus.validation_tokens, frozen=state.frozen,
+                                              seq_len=tc.seq_len, batch_size=tc.batch_size,
+                                              max_batches=tc.eval_batches, eval_fn=eval_fn)
+        if metrics_file:
+          metrics_file.write(record)
+        bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", bpb=f"{float(metrics['bpb']):.3f}",
+                        bytes_s=f"{rate:,.0f}")
       bar.update(1)
       if tc.checkpoint_every and step % tc.checkpoint_every == 0:
         checkpointer.save(step, state, meta=meta, data_iterator=iterator)
-      if stop.raised:
-        stopped_by = stop.raised
+      stopped_by = _agreed_stop(stop.raised or (
+          "max_seconds" if tc.max_seconds is not None and time.perf_counter() - started >= tc.max_seconds else None))
+      if stopped_by:
         break
-      if tc.max_seconds is not None and time.perf_counter() - started >= tc.max_seconds:
-        stopped_by = "max_seconds"
-        break
-  bar.close()
-  if checkpointer.latest_step() != step:
-    checkpointer.save(step, state, meta=meta, data_iterator=iterator, force=True)
-  checkpointer.close()
-  metrics_file.close()
-  if stopped_by in ("SIGTERM", "SIGINT"):
-    _log(f"{stopped_by}: saved step {step} to {checkpointer.directory}; rerun with the same --out to resume")
+    bar.close()
+    if checkpointer.latest_step() != step:
+      checkpointer.save(step, state, meta=meta, data_iterator=iterator, force=True)
+    checkpointer.close()
+    if metrics_file:
+      metrics_file.close()
+    if stopped_by in ("SIGTERM", "SIGINT") and lead:
+      _log(f"{stopped_by}: saved step {step} to {checkpointer.directory}; rerun with the same --out to resume")
 
-  val_bpb, val_count = evaluate_bpb(graphdef, state.params, corpus.validation_tokens, frozen=state.frozen, seq_len=tc.seq_len,
-                                    batch_size=tc.batch_size, max_batches=tc.eval_batches, eval_fn=eval_fn)
+    val_bpb, val_count = evaluate_bpb(graphdef, state.params, corpus.validation_tokens, frozen=state.frozen,
+                                      seq_len=tc.seq_len, batch_size=tc.batch_size, max_batches=tc.eval_batches,
+                                      eval_fn=eval_fn)
   summary = {
       "model": model_name, "preset": preset, "params": num_params, "steps": step,
       "train_bytes": step * bytes_per_step, "bytes_per_s": round(rate, 1), "val_bpb": round(val_bpb, 4),
       "val_bytes": val_count, "checkpoint": checkpointer.directory, "stopped_by": stopped_by,
       "final_loss": float(metrics["loss"]) if trained_steps else None,
+      "mesh": ",".join(f"{name}={size}" for name, size in zip(mesh.axis_names, mesh.axis_sizes)),
+      "devices": mesh.size, "processes": jax.process_count(),
   }
-  return TrainResult(state.model(graphdef), graphdef, state, summary)
+  return TrainResult(state.model(graphdef), graphdef, state, summary, mesh)
+
+
+_STOP_REASONS = (None, "max_seconds", "SIGINT", "SIGTERM")
+
+
+def _agreed_stop(local_reason: str | None) -> str | None:
+  """Every process stops at the same step: with several processes, the strongest reason any of them has."""
+  if jax.process_count() == 1:
+    return local_reason
+  from jax.experimental import multihost_utils
+
+  codes = multihost_utils.process_allgather(np.int32(_STOP_REASONS.index(local_reason)))
+  return _STOP_REASONS[int(np.max(codes))]
 
 
 def _check_same_run(out_dir, meta):
