@@ -184,33 +184,72 @@ def _field_paths(config, prefix=()):
       yield from _field_paths(value, path)
 
 
-def replace_path(config, key: str, raw_value: str | Any):
-  """Returns ``config`` with the field at ``key`` set; ``raw_value`` strings are parsed to the field's type."""
+def resolve_path(config, key: str) -> tuple[str, ...]:
+  """The full field path of ``key``: a dotted path, or a bare name (or dotted suffix) unique in the tree."""
   path = tuple(key.split("."))
   paths = list(_field_paths(config))
-  if path not in paths:
-    matches = [p for p in paths if p[-len(path):] == path]
-    if len(matches) != 1:
-      options = ", ".join(".".join(p) for p in paths if not dataclasses.is_dataclass(_get(config, p)))
-      reason = "is ambiguous" if matches else "is not a field"
-      raise ConfigError(f"--set {key}: {reason} of {type(config).__name__}; fields: {options}")
-    path = matches[0]
-  return _replace(config, path, raw_value)
+  if path in paths:
+    return path
+  matches = [p for p in paths if p[-len(path):] == path]
+  if len(matches) != 1:
+    options = ", ".join(".".join(p) for p in paths if not dataclasses.is_dataclass(_get(config, p)))
+    reason = "is ambiguous" if matches else "is not a field"
+    raise ConfigError(f"--set {key}: {reason} of {type(config).__name__}; fields: {options}")
+  return matches[0]
+
+
+def replace_path(config, key: str, raw_value: str | Any):
+  """Returns ``config`` with the field at ``key`` set; ``raw_value`` strings are parsed to the field's type."""
+  return replace_paths(config, [(key, raw_value)])
+
+
+def replace_paths(config, assignments):
+  """Sets several fields at once: each nested config is rebuilt (and validated) once with all its new values,
+  so fields that are only valid together (``rope_type=yarn`` with its ``factor``) can be set in any order."""
+  updates: dict[tuple[str, ...], Any] = {}
+  for key, raw_value in assignments:
+    updates[resolve_path(config, key)] = raw_value
+  return _apply_updates(config, (), updates)
+
+
+def _apply_updates(config, prefix, updates):
+  direct, nested = {}, set()
+  for path, raw_value in updates.items():
+    if path[: len(prefix)] != prefix:
+      continue
+    if len(path) == len(prefix) + 1:
+      direct[path[-1]] = raw_value
+    else:
+      nested.add(path[len(prefix)])
+  changes = {name: _apply_updates(getattr(config, name), prefix + (name,), updates) for name in nested}
+  hints = typing.get_type_hints(type(config))
+  for name, raw_value in direct.items():
+    where = f"{type(config).__name__}.{name}"
+    current = getattr(config, name)
+    if isinstance(raw_value, str) and isinstance(current, RopeConfig):
+      from bytescale.ops.rope import rope_config_from_scaling  # a rope_scaling JSON block or file
+
+      changes[name] = rope_config_from_scaling(raw_value, base=current)
+    elif isinstance(raw_value, str):
+      changes[name] = _parse(raw_value, hints[name], where)
+    else:
+      changes[name] = raw_value
+    if name in nested:
+      raise ConfigError(f"--set {'.'.join(prefix + (name,))}: set either the whole config or its fields, not both")
+  try:
+    return dataclasses.replace(config, **changes)
+  except (ValueError, TypeError) as error:
+    if isinstance(error, ConfigError):
+      raise
+    message = str(error).splitlines()[0]
+    owner = type(config).__name__
+    raise ConfigError(message if message.startswith(owner) else f"{owner}: {message}") from None
 
 
 def _get(config, path):
   for name in path:
     config = getattr(config, name)
   return config
-
-
-def _replace(config, path, raw_value):
-  name = path[0]
-  if len(path) > 1:
-    return dataclasses.replace(config, **{name: _replace(getattr(config, name), path[1:], raw_value)})
-  hints = typing.get_type_hints(type(config))
-  value = _parse(raw_value, hints[name], f"{type(config).__name__}.{name}") if isinstance(raw_value, str) else raw_value
-  return dataclasses.replace(config, **{name: value})
 
 
 def _parse(raw: str, annotation, where: str):
