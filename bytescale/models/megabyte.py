@@ -1,0 +1,539 @@
+"""``MegaByte`` (Yu et al. 2023): a global model over fixed patches of P bytes and a local model inside each patch.
+
+Architecture (paper section 2.2):
+
+* patch embedder: byte ``i`` becomes ``E_global[y_i] (+ pos[i])`` of width ``D_G``; the P vectors of a patch are
+  concatenated into one ``P * D_G`` vector (the global model's width, no projection);
+* global model: a causal ``TransformerStack`` over patches fed with the one-patch shift (a trainable pad patch
+  first, the last patch dropped), then RMSNorm;
+* global-to-local: each global output is split into P slices of ``D_G``, projected to ``D_L`` by one shared
+  matrix (or one per in-patch position with ``per_position_projection``);
+* local model: a causal decoder over the P positions of every patch in parallel; position p's input is its
+  projected slice plus ``E_local`` of the previous byte (a trainable pad at p = 0), plus ``pos_local[p]`` with
+  ``local_pos_embed``; with ``cross_patch_r = r`` every local layer also attends to the keys and values of the
+  last r positions of the previous patch (rotary positions keep relative distances exact);
+* logits from the local model (final RMSNorm and an output matrix, or the local embedding when tied).
+
+Indexing (details in :mod:`bytescale.ops.patches`): output ``t`` is MegaByte's local position ``t + 1`` (the
+prediction of byte ``t + 1`` from bytes ``<= t``); rows of any length are padded to whole patches inside the model
+and the outputs sliced back.
+
+Packed documents, and a patch that straddles two of them: local position j belongs to the document of byte
+j - 1; a patch's *owner* is the document of its first local position; global position k's input keeps only the
+owner's bytes of input patch k - 1 (pad-patch slices elsewhere) and global attention links positions with the
+same owner; positions of another document (one that started inside the patch) get no global context; local
+attention stays within a document. So an output depends on every byte of its own document up to itself and on
+nothing else.
+
+``strided_inference``: logits are the average of the probabilities of two passes, the second over the row
+shifted right by ``P // 2`` (leading padding), so each byte is predicted once from a patch grid offset by half a
+patch. It adds no parameters: turn it on (``dataclasses.replace``) for a model trained without it. ``hidden``
+and ``unembed`` are those of the aligned pass.
+
+Generation: ``decode`` appends N >= 1 bytes per row (ragged lengths); the global model advances only when a
+row completes a patch (``lax.cond``; its K/V cache grows by one position per patch), the local model once per
+byte. The local K/V of every position is kept (reads are limited to the current patch plus r bytes), and so
+are the global K/V and the projected global contexts of every patch, so ``rollback`` only changes lengths, also
+across patch boundaries. ``init_cache`` already runs global position 0 (the pad patch) and local position 0,
+which need no byte.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx, struct
+
+from bytescale import vocab
+from bytescale.configs import TransformerConfig, check
+from bytescale.models.base import ModelOutput, register_model
+from bytescale.nn import Embedding, RMSNorm, TransformerStack
+from bytescale.nn.layers import SwiGLU, param, scaled_normal
+from bytescale.nn.transformer import REMAT_POLICIES, KVCache
+from bytescale.ops import attention as attention_ops
+from bytescale.ops import patches as patch_ops
+from bytescale.ops import rope
+from bytescale.ops.attention import segment_positions
+
+
+def _swiglu_hidden(d: int, multiple: int = 32) -> int:
+  return -(-(8 * d // 3) // multiple) * multiple
+
+
+def _stack(d, layers, heads, head_dim=None, kv_heads=None, **kwargs) -> TransformerConfig:
+  head_dim = head_dim or d // heads
+  return TransformerConfig(d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads or heads,
+                           head_dim=head_dim, mlp_hidden=_swiglu_hidden(d), **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class MegaByteConfig:
+  """Two stacks and the patching. ``global_stack.d_model`` is ``patch_size * D_G`` (``D_G`` = per-byte width)."""
+
+  global_stack: TransformerConfig = dataclasses.field(default_factory=lambda: _stack(64, 2, 4))
+  local_stack: TransformerConfig = dataclasses.field(default_factory=lambda: _stack(32, 2, 4))
+  patch_size: int = 4
+  max_seq_len: int = 1024  # size of the byte position table (positions beyond it reuse its last row)
+  global_pos_embed: bool = True  # paper: pos[i] added to each byte in the patch embedder
+  local_pos_embed: bool = False  # SpaceByte's reimplementation: pos_local[p] added to local inputs
+  cross_patch_r: int = 0  # local layers also attend to the last r positions of the previous patch (0 = off)
+  strided_inference: bool = False  # average with a pass offset by patch_size // 2
+  per_position_projection: bool = False  # one D_G x D_L matrix per in-patch position instead of one shared
+  tie_embeddings: bool = False  # logits from the local byte embedding (the paper ties)
+
+  def __post_init__(self):
+    name = "MegaByteConfig"
+    for field in ("global_stack", "local_stack"):
+      check(isinstance(getattr(self, field), TransformerConfig), name, field, "must be a TransformerConfig")
+    p = self.patch_size
+    check(isinstance(p, int) and not isinstance(p, bool) and p >= 1, name, "patch_size",
+          f"must be a positive integer, got {p!r}")
+    d_global = self.global_stack.d_model
+    check(d_global % p == 0, name, "global_stack.d_model",
+          f"must be patch_size * D_G (a multiple of patch_size={p}), got {d_global}; e.g. {p * max(1, d_global // p)}")
+    check(isinstance(self.max_seq_len, int) and self.max_seq_len > 0, name, "max_seq_len",
+          f"must be a positive integer, got {self.max_seq_len!r}")
+    for field in ("global_pos_embed", "local_pos_embed", "strided_inference", "per_position_projection",
+                  "tie_embeddings"):
+      check(isinstance(getattr(self, field), bool), name, field, f"must be true or false, got {getattr(self, field)!r}")
+    r = self.cross_patch_r
+    check(isinstance(r, int) and not isinstance(r, bool) and 0 <= r <= p, name, "cross_patch_r",
+          f"must be an integer in [0, patch_size={p}] (0 = off), got {r!r}")
+    check(not self.strided_inference or p >= 3, name, "strided_inference",
+          f"needs patch_size >= 3 (the second pass is offset by patch_size // 2), got patch_size={p}")
+    check(not self.local_stack.rope.length_dependent, name, "local_stack.rope.rope_type",
+          f"must not depend on the sequence length (the local model sees one patch), got "
+          f"{self.local_stack.rope.rope_type!r}")
+
+  @property
+  def d_global_embed(self) -> int:
+    """``D_G``: width of one byte inside a patch (``global_stack.d_model / patch_size``)."""
+    return self.global_stack.d_model // self.patch_size
+
+  @property
+  def stream_offsets(self) -> tuple[int, ...]:
+    """Leading padding of each pass: (0,) or, with strided inference, (0, patch_size // 2)."""
+    return (0, self.patch_size // 2) if self.strided_inference else (0,)
+
+
+# --- The local model: causal attention inside patches (plus r positions of the previous patch) ----------------
+
+class LocalBlock(nnx.Module):
+  """Pre-norm block whose attention sees a window of keys given by the caller (patch, cross-patch or cache)."""
+
+  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    self.dtype = jnp.dtype(c.dtype)
+    self.attention_norm = RMSNorm(c.d_model, eps=c.norm_eps, rngs=rngs)
+    init = scaled_normal(c.d_model)
+    self.wq_DxHxK = param(rngs, init, (c.d_model, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"))
+    self.wk_DxGxK = param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
+    self.wv_DxGxK = param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
+    self.wo_HxKxD = param(rngs, scaled_normal(c.num_heads * c.head_dim), (c.num_heads, c.head_dim, c.d_model),
+                          ("heads", "head_dim", "embed"))
+    self.mlp_norm = RMSNorm(c.d_model, eps=c.norm_eps, rngs=rngs)
+    self.mlp = SwiGLU(c.d_model, c.mlp_hidden, dtype=self.dtype, rngs=rngs)
+
+  def qkv(self, x_BxTxD, positions_BxT):
+    """Rotated queries and keys, and values, of the normed input (absolute positions: RoPE is relative)."""
+    h = self.attention_norm(x_BxTxD).astype(self.dtype)
+    q = jnp.einsum("btd,dhk->bthk", h, self.wq_DxHxK[...].astype(self.dtype))
+    k = jnp.einsum("btd,dgk->btgk", h, self.wk_DxGxK[...].astype(self.dtype))
+    v = jnp.einsum("btd,dgk->btgk", h, self.wv_DxGxK[...].astype(self.dtype))
+    q = rope.rotate(q, positions_BxT, self.config.rope)
+    k = rope.rotate(k, positions_BxT, self.config.rope)
+    return q, k, v
+
+  def finish(self, x_BxTxD, attended_BxTxHxK):
+    """Residual of the attention output, then the MLP."""
+    out = jnp.einsum("bthk,hkd->btd", attended_BxTxHxK, self.wo_HxKxD[...].astype(self.dtype))
+    x = x_BxTxD + out.astype(x_BxTxD.dtype)
+    return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+
+  def attend(self, q, k, v, *, q_positions, kv_positions, q_segments, kv_segments):
+    c = self.config
+    return attention_ops.attention(
+        q, k, v, q_positions_BxT=q_positions, kv_positions_BxS=kv_positions, q_segment_ids_BxT=q_segments,
+        kv_segment_ids_BxS=kv_segments, causal=True, window=c.window, impl=c.attention_impl,
+    )
+
+
+class LocalStack(nnx.Module):
+  """``num_layers`` local blocks stacked on a ``layers`` axis; scanned (and rematerialised) like TransformerStack."""
+
+  def __init__(self, config: TransformerConfig, *, patch_size: int, cross_patch_r: int, rngs: nnx.Rngs):
+    self.config = config
+    self.patch_size = patch_size
+    self.cross_patch_r = cross_patch_r
+
+    @nnx.split_rngs(splits=config.num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(rngs):
+      return LocalBlock(config, rngs=rngs)
+
+    self.blocks = make_blocks(rngs)
+
+  def _run_layers(self, layer, carry):
+    graphdef, state = nnx.split(self.blocks)
+    policy = self.config.remat
+
+    def body(carry, layer_state):
+      return layer(nnx.merge(graphdef, layer_state), carry), None
+
+    if policy != "none":
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[policy], prevent_cse=not self.config.scan_layers)
+    if self.config.scan_layers:
+      return jax.lax.scan(body, carry, state)[0]
+    for i in range(self.config.num_layers):
+      carry, _ = body(carry, jax.tree.map(lambda a, i=i: a[i], state))
+    return carry
+
+  def __call__(self, x_BxKxPxD, positions_BxKxP, segments_BxKxP):
+    """All patches in parallel; segment 0 marks positions that belong to no document."""
+    b, k, p, d = x_BxKxPxD.shape
+    r = self.cross_patch_r
+
+    def with_previous(a_BxKxPx___, fill):
+      """Prepends the last r positions of the previous patch (``fill`` before patch 0)."""
+      if not r:
+        return a_BxKxPx___
+      previous = patch_ops.shift_patches(a_BxKxPx___, jnp.full_like(a_BxKxPx___[:, :1], fill))
+      return jnp.concatenate([previous[:, :, p - r:], a_BxKxPx___], axis=2)
+
+    q_positions = positions_BxKxP.reshape(b * k, p)
+    q_segments = segments_BxKxP.reshape(b * k, p)
+    kv_positions = with_previous(positions_BxKxP, 0).reshape(b * k, r + p)
+    kv_segments = with_previous(segments_BxKxP, 0).reshape(b * k, r + p)
+
+    def layer(block, x_BxTxD):
+      q, key, value = block.qkv(x_BxTxD, positions_BxKxP.reshape(b, k * p))
+      split = lambda a: a.reshape(b, k, p, *a.shape[2:])  # noqa: E731
+      key = with_previous(split(key), 0).reshape(b * k, r + p, *key.shape[2:])
+      value = with_previous(split(value), 0).reshape(b * k, r + p, *value.shape[2:])
+      attended = block.attend(q.reshape(b * k, p, *q.shape[2:]), key, value, q_positions=q_positions,
+                              kv_positions=kv_positions, q_segments=q_segments, kv_segments=kv_segments)
+      return block.finish(x_BxTxD, attended.reshape(b, k * p, *attended.shape[2:]))
+
+    return self._run_layers(layer, x_BxKxPxD.reshape(b, k * p, d)).reshape(b, k, p, d)
+
+  def init_cache(self, batch: int, slots: int):
+    c = self.config
+    shape = (c.num_layers, batch, slots, c.num_kv_heads, c.head_dim)
+    return jnp.zeros(shape, c.dtype), jnp.zeros(shape, c.dtype)
+
+  def decode(self, x_BxNxD, positions_BxN, k_LxBxSxGxK, v_LxBxSxGxK, first_valid: int):
+    """N new local positions per row: writes their K/V at slots = positions, attends over each one's window.
+
+    The window of position j is slots ``[P * (j // P) - r, j]``; slots below ``first_valid`` hold no byte.
+    """
+    b, n, _ = x_BxNxD.shape
+    p, r = self.patch_size, self.cross_patch_r
+    slots = k_LxBxSxGxK.shape[2]
+    rows_Bx1 = jnp.arange(b)[:, None]
+    window_BxNxW = (positions_BxN // p * p - r)[..., None] + jnp.arange(r + p, dtype=jnp.int32)
+    window_valid = ((window_BxNxW >= first_valid) & (window_BxNxW < slots)).astype(jnp.int32)
+    window_slots = jnp.clip(window_BxNxW, 0, slots - 1)
+    graphdef, state = nnx.split(self.blocks)
+
+    def body(carry, inputs):
+      x, k_all, v_all = carry
+      index, layer_state = inputs
+      block = nnx.merge(graphdef, layer_state)
+      q, key, value = block.qkv(x, positions_BxN)
+      # The whole cache rides in the carry so that each layer updates it in place.
+      k_all = k_all.at[index, rows_Bx1, positions_BxN].set(key.astype(k_all.dtype), mode="drop")
+      v_all = v_all.at[index, rows_Bx1, positions_BxN].set(value.astype(v_all.dtype), mode="drop")
+      keys = k_all[index][rows_Bx1[..., None], window_slots].astype(block.dtype)
+      values = v_all[index][rows_Bx1[..., None], window_slots].astype(block.dtype)
+      attended = block.attend(
+          q.reshape(b * n, 1, *q.shape[2:]), keys.reshape(b * n, r + p, *keys.shape[3:]),
+          values.reshape(b * n, r + p, *values.shape[3:]),
+          q_positions=positions_BxN.reshape(b * n, 1), kv_positions=window_BxNxW.reshape(b * n, r + p),
+          q_segments=jnp.ones((b * n, 1), jnp.int32), kv_segments=window_valid.reshape(b * n, r + p),
+      )
+      return (block.finish(x, attended.reshape(b, n, *attended.shape[2:])), k_all, v_all), None
+
+    layers = jnp.arange(self.config.num_layers)
+    (x, k_all, v_all), _ = jax.lax.scan(body, (x_BxNxD, k_LxBxSxGxK, v_LxBxSxGxK), (layers, state))
+    return x, k_all, v_all
+
+
+# --- Cache --------------------------------------------------------------------------------------------------
+
+@struct.dataclass
+class MegaByteCache:
+  """Decoding state of one pass (stream offset ``offset``): everything is kept, so rollback is a length update.
+
+  ``bytes_BxS``: stream ids (slot = stream index); ``global_kv``: the global stack's K/V per global position
+  (its ``lengths_B`` is unused: the number of valid positions is ``(offset + lengths) // P + 1``);
+  ``context_BxSxD``: projected global context per local position; ``local_k/v``: local K/V per local position.
+  """
+
+  bytes_BxS: jax.Array
+  global_kv: KVCache
+  context_BxSxD: jax.Array
+  local_k_LxBxSxGxK: jax.Array
+  local_v_LxBxSxGxK: jax.Array
+  lengths_B: jax.Array
+  offset: int = struct.field(pytree_node=False, default=0)
+
+  def rollback(self, n_B):
+    return self.replace(lengths_B=jnp.maximum(self.lengths_B - n_B, 0))
+
+
+@struct.dataclass
+class StridedCache:
+  """The caches of the aligned pass and of the pass offset by ``patch_size // 2`` (strided inference)."""
+
+  passes: tuple
+
+  @property
+  def lengths_B(self):
+    return self.passes[0].lengths_B
+
+  def rollback(self, n_B):
+    return StridedCache(tuple(c.rollback(n_B) for c in self.passes))
+
+
+# --- The model ----------------------------------------------------------------------------------------------
+
+class MegaByte(nnx.Module):
+  """Patch embedder -> global stack over shifted patches -> projection -> local stack per patch -> logits."""
+
+  def __init__(self, config: MegaByteConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    p, d_g, d_l = c.patch_size, c.d_global_embed, c.local_stack.d_model
+    self.global_embed = Embedding(vocab.VOCAB_SIZE, d_g, rngs=rngs)
+    if c.global_pos_embed:
+      self.global_pos_SxD = param(rngs, jax.nn.initializers.normal(0.02), (c.max_seq_len, d_g), ("sequence", "embed"))
+    self.pad_patch_PxD = param(rngs, jax.nn.initializers.normal(1.0), (p, d_g), (None, "embed"))
+    self.global_stack = TransformerStack(c.global_stack, rngs=rngs)
+    self.global_norm = RMSNorm(c.global_stack.d_model, eps=c.global_stack.norm_eps, rngs=rngs)
+    if c.per_position_projection:
+      self.w_gl_PxGxL = param(rngs, scaled_normal(d_g), (p, d_g, d_l), (None, None, "embed"))
+    else:
+      self.w_gl_GxL = param(rngs, scaled_normal(d_g), (d_g, d_l), (None, "embed"))
+    self.local_embed = Embedding(vocab.VOCAB_SIZE, d_l, rngs=rngs)
+    self.local_pad_D = param(rngs, jax.nn.initializers.normal(1.0), (d_l,), ("embed",))
+    if c.local_pos_embed:
+      self.local_pos_PxD = param(rngs, jax.nn.initializers.normal(0.02), (p, d_l), (None, "embed"))
+    self.local_stack = LocalStack(c.local_stack, patch_size=p, cross_patch_r=c.cross_patch_r, rngs=rngs)
+    self.final_norm = RMSNorm(d_l, eps=c.local_stack.norm_eps, rngs=rngs)
+    if not c.tie_embeddings:
+      self.unembed_DxV = param(rngs, scaled_normal(d_l), (d_l, vocab.VOCAB_SIZE), ("embed", "vocab"))
+
+  @property
+  def global_dtype(self):
+    return jnp.dtype(self.config.global_stack.dtype)
+
+  @property
+  def local_dtype(self):
+    return jnp.dtype(self.config.local_stack.dtype)
+
+  # -- pieces shared by the forward pass and decoding --
+
+  def _byte_vectors(self, ids, positions):
+    """Patch-embedder rows ``E_global[id] (+ pos[position])``, positions clipped to the table."""
+    x = self.global_embed(ids)
+    if self.config.global_pos_embed:
+      index = jnp.clip(positions, 0, self.config.max_seq_len - 1)
+      x = x + jnp.take(self.global_pos_SxD[...], index, axis=0)
+    return x
+
+  def _global_inputs(self, shifted_BxKxPxD, keep_BxKxP):
+    """Kept byte vectors, pad-patch slices elsewhere, concatenated to ``P * D_G``."""
+    x = jnp.where(keep_BxKxP[..., None], shifted_BxKxPxD, self.pad_patch_PxD[...])
+    return x.reshape(*x.shape[:2], -1).astype(self.global_dtype)
+
+  def _contexts(self, global_out_BxKxD):
+    """Normed global outputs split into P slices and projected to the local width: ``BxKxPxD_L``."""
+    c = self.config
+    g = self.global_norm(global_out_BxKxD).astype(self.local_dtype)
+    g = g.reshape(*g.shape[:2], c.patch_size, c.d_global_embed)
+    if c.per_position_projection:
+      return jnp.einsum("bkpg,pgl->bkpl", g, self.w_gl_PxGxL[...].astype(g.dtype))
+    return jnp.einsum("bkpg,gl->bkpl", g, self.w_gl_GxL[...].astype(g.dtype))
+
+  def _local_inputs(self, context_BxJxD, previous_ids_BxJ, in_patch_BxJ):
+    """Context + embedding of the previous byte (the pad at in-patch position 0) (+ local position)."""
+    previous = jnp.where((in_patch_BxJ == 0)[..., None], self.local_pad_D[...], self.local_embed(previous_ids_BxJ))
+    x = context_BxJxD + previous.astype(self.local_dtype)
+    if self.config.local_pos_embed:
+      x = x + jnp.take(self.local_pos_PxD[...], in_patch_BxJ, axis=0).astype(self.local_dtype)
+    return x
+
+  def unembed(self, hidden_BxTxD):
+    """Final norm and output projection; logits in float32."""
+    h = self.final_norm(hidden_BxTxD)
+    if self.config.tie_embeddings:
+      return self.local_embed.attend(h.astype(jnp.float32))
+    return jnp.einsum("btd,dv->btv", h, self.unembed_DxV[...].astype(h.dtype)).astype(jnp.float32)
+
+  # -- forward --
+
+  def _stream_hidden(self, ids_BxT, segments_BxT):
+    """Local hidden states of outputs 0..T-1 for one pass over the stream (see ``bytescale.ops.patches``)."""
+    c = self.config
+    b, t = ids_BxT.shape
+    p = c.patch_size
+    j = patch_ops.num_local_positions(t, p)
+    k = j // p
+    ids = patch_ops.pad_axis1(ids_BxT, j, vocab.PAD)
+    segments = patch_ops.pad_axis1(segments_BxT, j, 0)
+    local_segments = patch_ops.local_segments(segments).reshape(b, k, p)
+    owners_BxK = patch_ops.patch_owners(local_segments)
+
+    byte_vectors = self._byte_vectors(ids, segment_positions(segments)).reshape(b, k, p, -1)
+    pad_patch = jnp.broadcast_to(self.pad_patch_PxD[...], (b, 1, p, c.d_global_embed))
+    shifted = patch_ops.shift_patches(byte_vectors, pad_patch.astype(byte_vectors.dtype))
+    keep = patch_ops.global_input_keep(segments.reshape(b, k, p), owners_BxK)
+    global_out = self.global_stack(self._global_inputs(shifted, keep), segment_positions(owners_BxK), owners_BxK)
+    context = self._contexts(global_out)
+    context = context * patch_ops.has_global_context(local_segments, owners_BxK)[..., None].astype(context.dtype)
+
+    previous_ids = jnp.pad(ids[:, :-1], ((0, 0), (1, 0)), constant_values=vocab.PAD)
+    in_patch = jnp.broadcast_to(jnp.arange(j, dtype=jnp.int32) % p, (b, j))
+    x = self._local_inputs(context.reshape(b, j, -1), previous_ids, in_patch)
+    positions = jnp.broadcast_to(jnp.arange(j, dtype=jnp.int32), (b, j)).reshape(b, k, p)
+    hidden = self.local_stack(x.reshape(b, k, p, -1), positions, local_segments)
+    return hidden.reshape(b, j, -1)[:, 1:t + 1]
+
+  def __call__(self, bytes_BxT, segment_ids_BxT=None, *, patches=None) -> ModelOutput:
+    del patches  # MegaByte's patches are fixed; accepted so every model shares one signature.
+    if segment_ids_BxT is None:
+      segment_ids_BxT = jnp.ones_like(bytes_BxT)
+    segment_ids_BxT = segment_ids_BxT.astype(jnp.int32)
+    hidden = self._stream_hidden(bytes_BxT, segment_ids_BxT)
+    logits = self.unembed(hidden)
+    if self.config.strided_inference:
+      o, t = self.config.stream_offsets[1], bytes_BxT.shape[1]
+      shifted_ids = jnp.pad(bytes_BxT, ((0, 0), (o, 0)), constant_values=vocab.PAD)
+      shifted_segments = jnp.pad(segment_ids_BxT, ((0, 0), (o, 0)))
+      shifted_logits = self.unembed(self._stream_hidden(shifted_ids, shifted_segments)[:, o:o + t])
+      logits = _average_probabilities(logits, shifted_logits)
+    return ModelOutput(logits, hidden)
+
+  # -- generation --
+
+  def init_cache(self, batch: int, max_len: int):
+    """Caches for ``max_len`` bytes per row; the positions that need no byte are computed here."""
+    if max_len < 1:
+      raise ValueError(f"max_len must be >= 1, got {max_len}")
+    caches = tuple(self._init_pass_cache(batch, max_len, o) for o in self.config.stream_offsets)
+    return StridedCache(caches) if self.config.strided_inference else caches[0]
+
+  def _init_pass_cache(self, batch, max_len, offset):
+    c = self.config
+    p = c.patch_size
+    global_slots = (offset + max_len) // p + 2  # room for the static number of positions a decode call writes
+    slots = global_slots * p
+    global_kv = self.global_stack.init_cache(batch, global_slots)
+    pad_patch = jnp.broadcast_to(self.pad_patch_PxD[...], (batch, 1, p, c.d_global_embed))
+    out, global_kv = self.global_stack.decode(self._global_inputs(pad_patch, jnp.zeros((batch, 1, p), bool)),
+                                              global_kv)
+    context = jnp.zeros((batch, slots, c.local_stack.d_model), self.local_dtype)
+    context = context.at[:, :p].set(self._contexts(out).reshape(batch, p, -1))
+    local_k, local_v = self.local_stack.init_cache(batch, slots)
+    if offset == 0:  # local position 0 (the prediction of byte 0 from nothing) is a key for patch 0
+      zeros = jnp.zeros((batch, 1), jnp.int32)
+      x = self._local_inputs(context[:, :1], jnp.full((batch, 1), vocab.PAD, jnp.int32), zeros)
+      _, local_k, local_v = self.local_stack.decode(x, zeros, local_k, local_v, first_valid=0)
+    return MegaByteCache(
+        bytes_BxS=jnp.full((batch, slots), vocab.PAD, jnp.int32), global_kv=global_kv, context_BxSxD=context,
+        local_k_LxBxSxGxK=local_k, local_v_LxBxSxGxK=local_v, lengths_B=jnp.zeros((batch,), jnp.int32),
+        offset=offset,
+    )
+
+  def decode(self, cache, bytes_BxN):
+    """Appends N bytes per row at each row's length; returns the N outputs and the updated cache."""
+    if isinstance(cache, StridedCache):
+      (out, aligned), (shifted_out, shifted) = (self._decode_pass(pc, bytes_BxN) for pc in cache.passes)
+      logits = _average_probabilities(out.logits_BxTxV, shifted_out.logits_BxTxV)
+      return ModelOutput(logits, out.hidden_BxTxD), StridedCache((aligned, shifted))
+    return self._decode_pass(cache, bytes_BxN)
+
+  def _decode_pass(self, cache: MegaByteCache, ids_BxN):
+    c = self.config
+    p, o = c.patch_size, cache.offset
+    b, n = ids_BxN.shape
+    ids_BxN = ids_BxN.astype(jnp.int32)
+    lengths = cache.lengths_B
+    rows_Bx1 = jnp.arange(b)[:, None]
+    new = jnp.arange(n, dtype=jnp.int32)
+    stream_BxN = o + lengths[:, None] + new
+    byte_buffer = cache.bytes_BxS.at[rows_Bx1, stream_BxN].set(ids_BxN, mode="drop")
+
+    # Global positions whose input patch is completed by these bytes (at most ceil(N / P) per row).
+    first_new_B = (o + lengths) // p + 1
+    end_B = (o + lengths + n) // p + 1
+    count = -(-n // p)
+
+    def run_global(state):
+      global_kv, context = state
+      positions_BxC = first_new_B[:, None] + jnp.arange(count, dtype=jnp.int32)
+      source_BxCxP = (positions_BxC[..., None] - 1) * p + jnp.arange(p, dtype=jnp.int32)
+      flat_source = jnp.clip(source_BxCxP, 0, byte_buffer.shape[1] - 1).reshape(b, count * p)
+      source_ids = jnp.take_along_axis(byte_buffer, flat_source, axis=1)
+      vectors = self._byte_vectors(source_ids, flat_source - o).reshape(b, count, p, -1)
+      x = self._global_inputs(vectors, source_BxCxP >= o)
+      out, updated = self.global_stack.decode(x, global_kv.replace(lengths_B=first_new_B))
+      new_context = self._contexts(out).reshape(b, count * p, -1).astype(context.dtype)
+      write = jax.vmap(lambda buffer, rows, start: jax.lax.dynamic_update_slice_in_dim(buffer, rows, start, axis=0))
+      return updated.replace(lengths_B=end_B), write(context, new_context, first_new_B * p)
+
+    global_kv, context = jax.lax.cond(
+        jnp.any(end_B > first_new_B), run_global, lambda state: state, (cache.global_kv, cache.context_BxSxD)
+    )
+
+    local_positions_BxN = stream_BxN + 1
+    x = self._local_inputs(context[rows_Bx1, local_positions_BxN], ids_BxN, local_positions_BxN % p)
+    hidden, local_k, local_v = self.local_stack.decode(
+        x, local_positions_BxN, cache.local_k_LxBxSxGxK, cache.local_v_LxBxSxGxK, first_valid=_first_local_slot(o)
+    )
+    cache = cache.replace(bytes_BxS=byte_buffer, global_kv=global_kv, context_BxSxD=context,
+                          local_k_LxBxSxGxK=local_k, local_v_LxBxSxGxK=local_v, lengths_B=lengths + n)
+    return ModelOutput(self.unembed(hidden), hidden), cache
+
+  @staticmethod
+  def rollback(cache, n_B):
+    """Forgets the last ``n_B`` bytes of each row (any number, across patch boundaries): lengths only."""
+    return cache.rollback(n_B)
+
+
+def _first_local_slot(offset: int) -> int:
+  """Local slots below this hold no position of the document: with leading padding, positions up to ``offset``
+  belong to the padding; without, position 0 belongs to the document (see ``bytescale.ops.patches``)."""
+  return offset + 1 if offset else 0
+
+
+def _average_probabilities(logits_a, logits_b):
+  """``log((softmax(a) + softmax(b)) / 2)``: a valid logit vector for the averaged distribution."""
+  both = jnp.stack([jax.nn.log_softmax(logits_a, axis=-1), jax.nn.log_softmax(logits_b, axis=-1)])
+  return jax.nn.logsumexp(both, axis=0) - jnp.log(2.0)
+
+
+def _megabyte(global_d, global_layers, global_heads, local_d, local_layers, local_heads, patch_size, seq,
+              head_dim=None, **options):
+  return MegaByteConfig(
+      global_stack=_stack(global_d, global_layers, global_heads, head_dim),
+      local_stack=_stack(local_d, local_layers, local_heads, head_dim),
+      patch_size=patch_size, max_seq_len=seq, **options,
+  )
+
+
+PRESETS = {
+    "tiny": _megabyte(64, 2, 4, 32, 2, 4, 4, 1024),
+    # About 25M parameters; the same shape as the PyTorch-port comparison (dims (512, 256), depths (6, 4)).
+    "small": _megabyte(512, 6, 8, 256, 6, 4, 8, 2048, head_dim=64),
+    # The paper's text configuration: global D=2048 L=14 (D_G=256), local D=1024 L=18, P=8, context 8192.
+    "paper": _megabyte(2048, 14, 16, 1024, 18, 16, 8, 8192, tie_embeddings=True),
+}
+
+register_model(
+    "megabyte", MegaByteConfig, MegaByte, PRESETS,
+    "MegaByte: global transformer over fixed patches of P bytes, local transformer inside each patch",
+)
