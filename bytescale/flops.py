@@ -95,8 +95,36 @@ def bytelm_flops(config: ByteLMConfig, seq_len: int, *, convention="exact", atte
   return count + FlopCount({"unembed": 2.0 * config.stack.d_model * vocab.VOCAB_SIZE})
 
 
+def megabyte_flops(config, seq_len: int, *, convention="exact", attention="causal") -> FlopCount:
+  """Global model once per patch (amortised over P bytes), projection and local model once per byte.
+
+  ``seq_len`` bytes occupy ``ceil((seq_len + 1) / P)`` patches (the pad patch shifts the global input by one).
+  The local model attends within its patch (plus ``cross_patch_r`` slots of the previous one). Strided inference
+  runs the model twice: double the result for it.
+  """
+  p = config.patch_size
+  patches = -(-(seq_len + 1) // p)
+  global_count = stack_flops(config.global_stack, patches, convention=convention, attention=attention,
+                             prefix="global_").scaled(1.0 / p)
+  local_context = p + config.cross_patch_r
+  local_count = stack_flops(config.local_stack, local_context, convention=convention, attention=attention,
+                            prefix="local_")
+  d_local = config.local_stack.d_model
+  extra = FlopCount({
+      "global_to_local": 2.0 * config.d_global_embed * d_local,
+      "unembed": 2.0 * d_local * vocab.VOCAB_SIZE,
+  })
+  return global_count + local_count + extra
+
+
 # Each model registers how its FLOPs are counted: {config type: fn(config, seq_len, convention, attention)}.
 FLOP_COUNTERS = {ByteLMConfig: bytelm_flops}
+
+
+def _register_builtin_counters():
+  from bytescale.models.megabyte import MegaByteConfig
+
+  FLOP_COUNTERS.setdefault(MegaByteConfig, megabyte_flops)
 
 
 def register_flop_counter(config_type, fn):
@@ -105,8 +133,7 @@ def register_flop_counter(config_type, fn):
 
 def flops_per_byte(config, seq_len: int, *, convention="exact", attention="causal") -> FlopCount:
   """FLOPs per byte of any registered model config."""
-  import bytescale.models  # noqa: F401  (models register their counters on import)
-
+  _register_builtin_counters()
   for config_type, fn in FLOP_COUNTERS.items():
     if isinstance(config, config_type):
       return fn(config, seq_len, convention=convention, attention=attention)

@@ -63,3 +63,22 @@ def test_attended_keys_brute_force():
 def test_unknown_config_raises():
   with pytest.raises(ValueError, match="no FLOP counter"):
     flops_per_byte(object(), 10)
+
+
+def test_megabyte_count_matches_xla_forward():
+  from bytescale.configs import TransformerConfig as TC
+  from bytescale.models.megabyte import MegaByte, MegaByteConfig
+
+  def stack(d, layers, heads):
+    return TC(d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=d // heads,
+              mlp_hidden=3 * d, scan_layers=False)
+
+  for patch_size, seq_len in [(4, 127), (8, 255)]:
+    config = MegaByteConfig(global_stack=stack(32 * patch_size, 2, 4), local_stack=stack(64, 2, 4),
+                            patch_size=patch_size, max_seq_len=256)
+    model = MegaByte(config, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    ids = jnp.zeros((2, seq_len), jnp.int32)
+    measured = xla_flops(lambda p, x: nnx.merge(graphdef, p)(x).logits_BxTxV, params, ids) / ids.size
+    predicted = flops_per_byte(config, seq_len, attention="dense").forward
+    assert abs(measured / predicted - 1) < 0.05, (patch_size, measured, predicted)
