@@ -25,12 +25,17 @@ def test_pure_init_apply_train_step(rng):
 
   optimizer = optax.adam(1e-2)
   opt_state = optimizer.init(params)
-  first = float(loss_fn(params))
-  for _ in range(20):
-    grads = jax.grad(loss_fn)(params)
+
+  @jax.jit
+  def step(params, opt_state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = optimizer.update(grads, opt_state)
-    params = optax.apply_updates(params, updates)
-  assert float(loss_fn(params)) < first
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  params, opt_state, first = step(params, opt_state)
+  for _ in range(20):
+    params, opt_state, loss = step(params, opt_state)
+  assert float(loss) < float(first)
 
 
 def test_apply_equals_the_nnx_model(rng):
