@@ -17,11 +17,12 @@ from bytescale import configs
 
 
 def _add_train(sub):
-  p = sub.add_parser("train", help="train (or resume) a model", description="Train a model; rerunning with the same --out resumes.")
+  p = sub.add_parser("train", help="train (or resume) a model",
+                     description="Train a model; rerunning with the same --out resumes.")
   p.add_argument("--model", default="bytelm", help="model family (bytelm, ...); default bytelm")
   p.add_argument("--preset", default="tiny", help="named size preset of the model; default tiny")
-  p.add_argument("--data", default="stdlib", help="a file, directory, glob, 'stdlib' (the default corpus: this Python's "
-                 "standard library .py files) or tfds:NAME[/CONFIG]:FEATURE")
+  p.add_argument("--data", default="stdlib", help="a file, directory, glob, 'stdlib' (the default corpus: this "
+                 "Python's standard library .py files) or tfds:NAME[/CONFIG]:FEATURE")
   p.add_argument("--tfds-data-dir", default=None, help="data_dir for tfds: sources")
   p.add_argument("--max-data-bytes", type=int, default=None, help="read at most this many corpus bytes")
   p.add_argument("--steps", type=int, default=None, help="training steps (default: the train config's, 200)")
@@ -37,6 +38,22 @@ def _add_train(sub):
   p.add_argument("--sample-bytes", type=int, default=0, help="after training, sample this many bytes and report them")
   p.add_argument("--prompt", default="", help="prompt for the sample after training")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  g = p.add_argument_group("parallelism", "device mesh and multi-host (see docs/sharding.md)")
+  g.add_argument("--mesh", default=None, metavar="AXIS=SIZE,...",
+                 help="device mesh over axes data, fsdp, tensor, e.g. data=2,fsdp=2,tensor=2 (sizes multiply to the "
+                 "device count; one may be -1 = the rest); default data=-1: data parallel over every device")
+  g.add_argument("--mesh-axis-types", choices=("auto", "explicit"), default="auto",
+                 help="jax.sharding.AxisType of the mesh axes: auto (compiler propagates shardings) or explicit "
+                 "(shardings are part of the array types); default auto")
+  g.add_argument("--mesh-rule", action="append", default=[], metavar="LOGICAL=AXES",
+                 help="override one entry of parallel.LOGICAL_AXIS_RULES, e.g. kv_heads=none or batch=data+fsdp")
+  g.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM, Open MPI, "
+                 "JAX_COORDINATOR_ADDRESS)")
+  g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                 help="multi-process: address of process 0 (with --num-processes and --process-id)")
+  g.add_argument("--num-processes", type=int, default=None, help="multi-process: total number of processes")
+  g.add_argument("--process-id", type=int, default=None, help="multi-process: index of this process, from 0")
 
 
 def _add_eval(sub):
@@ -54,11 +71,16 @@ def _add_generate(sub):
   p.add_argument("--ckpt", required=True, help="run directory (or its checkpoints/ folder)")
   p.add_argument("--prompt", default="", help="text the sample continues")
   p.add_argument("--max-bytes", type=int, default=256, help="bytes to generate")
-  p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+  p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1.0; 0 with --speculative)")
   p.add_argument("--top-k", type=int, default=None)
   p.add_argument("--top-p", type=float, default=None)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--json", action="store_true", help="print one JSON line instead of the raw text")
+  p.add_argument("--speculative", action="store_true",
+                 help="greedy self-speculative decoding with the checkpoint's multi-token heads (trained with --set "
+                 "mtp_heads=N): same bytes as greedy decoding; reports bytes accepted per forward and bytes/s")
+  p.add_argument("--compare-greedy", action="store_true",
+                 help="with --speculative: also run plain greedy decoding, check the bytes agree, report the speedup")
 
 
 # Modules that add their own subcommands: each defines ``add_command(subparsers) -> (name, handler)``.
@@ -84,10 +106,16 @@ def build_parser():
 
 
 def _apply_overrides(model_config, train_config, assignments):
+  """``--set`` assignments; ``mtp_*`` ones (``mtp_heads=N``, ``mtp_variant``, ``mtp_loss_weights``, ...) put
+  multi-token heads on whatever model was chosen (see ``bytescale.heads``), after the other fields are set."""
+  multi_token = {}
   for assignment in assignments:
     if "=" not in assignment:
       raise configs.ConfigError(f"--set {assignment}: expected FIELD=VALUE")
     key, value = assignment.split("=", 1)
+    if key.startswith("mtp_"):
+      multi_token[key] = value
+      continue
     try:
       model_config = configs.replace_path(model_config, key, value)
     except configs.ConfigError as model_error:
@@ -97,13 +125,22 @@ def _apply_overrides(model_config, train_config, assignments):
         train_config = configs.replace_path(train_config, key, value)
       except configs.ConfigError:
         raise model_error from None
+  if multi_token:
+    from bytescale import heads
+
+    model_config = heads.apply_overrides(model_config, multi_token)
   return model_config, train_config
 
 
 def cmd_train(args):
+  from bytescale import parallel
   from bytescale.data.pipeline import DataConfig
   from bytescale.train.loop import train
 
+  mesh_config = parallel.MeshConfig.parse(args.mesh or "data=-1", axis_types=args.mesh_axis_types, rules=args.mesh_rule)
+  # Before anything touches devices: every process then sees the global device list.
+  parallel.initialize_distributed(coordinator=args.coordinator, num_processes=args.num_processes,
+                                  process_id=args.process_id, auto=args.distributed)
   model_config = configs.get_preset(args.model, args.preset)
   train_config = configs.TrainConfig(seed=args.seed)
   updates = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
@@ -114,12 +151,18 @@ def cmd_train(args):
       source=args.data, seq_len=train_config.seq_len, batch_size=train_config.batch_size, seed=args.seed,
       max_bytes=args.max_data_bytes, tfds_data_dir=args.tfds_data_dir,
   )
-  result = train(model_config, train_config, data_config, args.out, preset=args.preset, progress=not args.no_progress)
+  result = train(model_config, train_config, data_config, args.out, preset=args.preset, progress=not args.no_progress,
+                 mesh_config=mesh_config)
   summary = dict(result.summary)
   if args.sample_bytes:
+    from flax import nnx
+
     from bytescale.generate import SamplingConfig, generate
 
-    sample = generate(result.model, [args.prompt.encode()], args.sample_bytes, sampling=SamplingConfig(temperature=0.8), seed=args.seed)[0]
+    # Sampling code is written for whole parameters: replicate them over the mesh first.
+    model = nnx.merge(result.graphdef, *parallel.replicate((result.state.params, result.state.frozen), result.mesh))
+    sample = generate(model, [args.prompt.encode()], args.sample_bytes, sampling=SamplingConfig(temperature=0.8),
+                      seed=args.seed)[0]
     summary["sample"] = sample.decode("utf-8", errors="replace")
     print(f"--- sample ---\n{args.prompt}{summary['sample']}\n--------------", file=sys.stderr)
   print(json.dumps(summary))
@@ -142,15 +185,41 @@ def cmd_eval(args):
 
 
 def cmd_generate(args):
+  from bytescale import heads  # noqa: F401  (registers the multi-token wrapper, so its checkpoints load)
   from bytescale.generate import SamplingConfig, generate
   from bytescale.train.checkpoint import load_model
 
+  if args.speculative:
+    if args.temperature not in (None, 0) or args.top_k is not None or args.top_p is not None:
+      raise configs.ConfigError("--speculative decodes greedily: drop --temperature/--top-k/--top-p (or use "
+                                "--temperature 0)")
+  elif args.compare_greedy:
+    raise configs.ConfigError("--compare-greedy compares with speculative decoding: add --speculative")
   model, meta = load_model(args.ckpt)
-  sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-  text = generate(model, [args.prompt.encode()], args.max_bytes, sampling=sampling, seed=args.seed)[0]
+  report = {}
+  if args.speculative:
+    from bytescale.speculative import greedy_tokens, speculative_generate
+
+    result = speculative_generate(model, [args.prompt.encode()], args.max_bytes)
+    text = result.texts[0]
+    report = {"speculative": True, "bytes_per_forward": round(result.bytes_per_forward, 3),
+              "forwards": int(result.forwards[0]), "bytes_per_s": round(result.bytes_per_second, 1),
+              "compile_s": round(result.compile_seconds, 2)}
+    if args.compare_greedy:
+      tokens, seconds = greedy_tokens(model, [args.prompt.encode()], args.max_bytes)
+      report.update(greedy_bytes_per_s=round(tokens.size / seconds, 1),
+                    speedup=round(seconds / result.seconds, 3),
+                    identical_to_greedy=bool((tokens == result.tokens).all()))
+    print(f"speculative: {report['bytes_per_forward']} bytes accepted per forward, {report['bytes_per_s']:,} bytes/s"
+          + (f" (greedy {report['greedy_bytes_per_s']:,} bytes/s, speedup {report['speedup']}x, identical: "
+             f"{report['identical_to_greedy']})" if args.compare_greedy else ""), file=sys.stderr)
+  else:
+    temperature = 1.0 if args.temperature is None else args.temperature
+    sampling = SamplingConfig(temperature=temperature, top_k=args.top_k, top_p=args.top_p)
+    text = generate(model, [args.prompt.encode()], args.max_bytes, sampling=sampling, seed=args.seed)[0]
   if args.json:
     print(json.dumps({"prompt": args.prompt, "text": text.decode("utf-8", errors="replace"), "bytes": len(text),
-                      "model": meta["model"], "checkpoint_step": meta["step"]}))
+                      "model": meta["model"], "checkpoint_step": meta["step"], **report}))
   else:
     sys.stdout.write(args.prompt + text.decode("utf-8", errors="replace") + "\n")
 

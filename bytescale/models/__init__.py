@@ -2,5 +2,7 @@
 
 from bytescale.models.base import MODELS, ModelOutput, build_model, model_name_for
 from bytescale.models.bytelm import ByteLM
+from bytescale.models.megabyte import MegaByte
+from bytescale.models.blt import BLT  # noqa: F401  (registers "blt")
 
-__all__ = ["MODELS", "ByteLM", "ModelOutput", "build_model", "model_name_for"]
+__all__ = ["MODELS", "ByteLM", "MegaByte", "ModelOutput", "build_model", "model_name_for"]

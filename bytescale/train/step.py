@@ -16,7 +16,11 @@ LossFn = Callable[[nnx.Module, dict], tuple[jax.Array, dict]]
 
 
 def next_byte_loss(model, batch):
-  """Mean next-byte cross-entropy over ``loss_mask``; metrics hold the sums so eval can aggregate exactly."""
+  """Mean next-byte cross-entropy over ``loss_mask``; metrics hold the sums so eval can aggregate exactly.
+
+  A model with its own training loss (``model.loss(batch)``, e.g. multi-token heads) is trained with it."""
+  if callable(getattr(model, "loss", None)):
+    return model.loss(batch)
   output = model(batch["inputs"], batch["segment_ids"])
   nll_sum, count = masked_cross_entropy(output.logits_BxTxV, batch["targets"], batch["loss_mask"])
   loss = nll_sum / jnp.maximum(count, 1.0)
