@@ -59,7 +59,8 @@ def _add_train(sub):
 def _add_eval(sub):
   p = sub.add_parser("eval", help="bits per byte of a checkpoint on a file or corpus")
   p.add_argument("--ckpt", required=True, help="run directory (or its checkpoints/ folder)")
-  p.add_argument("--data", required=True, help="file, directory, glob, 'stdlib' or tfds:NAME:FEATURE (every byte is scored)")
+  p.add_argument("--data", required=True,
+                 help="file, directory, glob, 'stdlib' or tfds:NAME:FEATURE (every byte is scored)")
   p.add_argument("--tfds-data-dir", default=None)
   p.add_argument("--max-bytes", type=int, default=None, help="score at most this many bytes")
   p.add_argument("--seq-len", type=int, default=None, help="row length (default: the training seq_len)")

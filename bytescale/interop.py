@@ -1,7 +1,8 @@
 """Using bytescale models from plain JAX or Linen code.
 
 * ``init(rng, config) -> params`` and ``apply(params, bytes_BxT, config, segment_ids_BxT=None) -> logits``:
-  params are a plain nested dict of arrays (``nnx.to_pure_dict`` of every model variable), usable with any optimizer or checkpointer.
+  params are a plain nested dict of arrays (``nnx.to_pure_dict`` of every model variable), usable with any
+  optimizer or checkpointer.
 * ``to_linen(config)``: a ``flax.linen`` module (via ``nnx.bridge.to_linen``) whose ``init``/``apply`` return
   and take Linen variables; ``apply`` returns the model's ``ModelOutput``.
 """

@@ -31,7 +31,8 @@ def main():
   args = parser.parse_args()
 
   config = configs.get_preset("bytelm", "tiny")
-  config = dataclasses.replace(config, stack=dataclasses.replace(config.stack, d_model=128, head_dim=32, mlp_hidden=352))
+  wider = dataclasses.replace(config.stack, d_model=128, head_dim=32, mlp_hidden=352)
+  config = dataclasses.replace(config, stack=wider)
   data = DataConfig(source=args.data, seq_len=args.seq_len, batch_size=args.batch_size, max_bytes=8_000_000)
   corpus = ByteCorpus.load(data)
   batches = train_iterator(corpus, data)

@@ -149,7 +149,8 @@ def test_sigterm_saves_and_exits_cleanly(corpus_file, tmp_path):
     ],
 )
 def test_bad_input_gets_one_clear_line(args, message, tmp_path):
-  proc = run_cli(*args, "--out", str(tmp_path / "x"), check=False) if args[0] == "train" else run_cli(*args, check=False)
+  extra = ["--out", str(tmp_path / "x")] if args[0] == "train" else []
+  proc = run_cli(*args, *extra, check=False)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   error_lines = [line for line in proc.stderr.splitlines() if "error:" in line]

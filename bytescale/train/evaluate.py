@@ -10,7 +10,8 @@ from bytescale.ops.losses import LN2
 from bytescale.train.step import make_eval_step
 
 
-def evaluate_bpb(graphdef, params, tokens: np.ndarray, *, frozen=None, seq_len: int, batch_size: int, max_batches=None, eval_fn=None):
+def evaluate_bpb(graphdef, params, tokens: np.ndarray, *, frozen=None, seq_len: int, batch_size: int,
+                 max_batches=None, eval_fn=None):
   """Returns ``(bits_per_byte, number_of_predicted_ids)`` over ``tokens`` (or its first ``max_batches``).
 
   ``graphdef``/``params``/``frozen`` come from ``nnx.split(model, nnx.Param, ...)``.
