@@ -18,7 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 # (name, script, extra arguments in quick mode, results file)
 BENCHMARKS = [
-    ("throughput", "throughput.py", ["--quick"], "RESULTS.md"),
+    ("throughput", "throughput.py", ["--quick"], "RESULTS_throughput.md"),
     ("kernels", "kernels.py", ["--quick"], "RESULTS_kernels.md"),
     ("megabyte", "megabyte_vs_bytelm.py", ["--quick"], "RESULTS_megabyte.md"),
     ("blt", "blt_compare.py", ["--quick"], "RESULTS_blt.md"),
@@ -56,7 +56,7 @@ def gather():
   parts = []
   for name, _, _, results in BENCHMARKS:
     path = os.path.join(HERE, results)
-    if results != "RESULTS.md" and os.path.exists(path):
+    if os.path.exists(path):
       parts.append(f"<!-- from {results} -->\n" + open(path).read().strip())
   own = os.path.join(HERE, "RESULTS.md")
   head = open(own).read().split("<!-- gathered -->")[0].strip() if os.path.exists(own) else "# Benchmark results"

@@ -7,6 +7,7 @@ cache is rolled back to its own length, so the next byte is sampled from each ro
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -99,6 +100,11 @@ def make_sampler(graphdef, max_new: int, sampling: SamplingConfig, max_len: int)
   return run
 
 
+# Repeated generate() calls with the same model structure, lengths and sampling reuse one compiled sampler
+# (graph definitions and sampling configs are hashable; the parameters are arguments, not constants).
+_cached_sampler = functools.lru_cache(maxsize=16)(make_sampler)
+
+
 def generate(model, prompts: list[bytes], max_new_bytes: int, *, sampling=SamplingConfig(), seed: int = 0,
              stop_at_eos: bool = True) -> list[bytes]:
   """Samples ``max_new_bytes`` after each prompt; returns the new bytes (cut at EOS if ``stop_at_eos``)."""
@@ -106,7 +112,7 @@ def generate(model, prompts: list[bytes], max_new_bytes: int, *, sampling=Sampli
     raise ValueError(f"max_new_bytes must be >= 1, got {max_new_bytes}")
   ids, lengths = frame_prompts(prompts)
   graphdef, params = nnx.split(model)
-  sampler = make_sampler(graphdef, max_new_bytes, sampling, ids.shape[1] + max_new_bytes)
+  sampler = _cached_sampler(graphdef, max_new_bytes, sampling, ids.shape[1] + max_new_bytes)
   tokens = np.asarray(sampler(params, jnp.asarray(ids), jnp.asarray(lengths), jax.random.key(seed)))
   results = []
   for row in tokens:

@@ -93,6 +93,24 @@ def test_ragged_prefill_and_rollback(model, forward, rng):
     assert_close(out.logits_BxTxV[row, 0], forward(extended, jnp.ones_like(extended))[0, -1], atol=2e-5)
 
 
+def test_generate_reuses_its_compiled_sampler_and_reads_the_new_weights(tiny_config):
+  """A second model of the same structure hits the sampler cache, yet its greedy bytes are its own: the argmax of
+  re-running its full forward (weights are arguments of the cached program, never baked-in constants)."""
+  from bytescale import generate as gen
+
+  sampling = gen.SamplingConfig(temperature=0.0)
+  gen.generate(ByteLM(tiny_config, rngs=nnx.Rngs(1)), [b"ab"], 6, sampling=sampling, stop_at_eos=False)
+  other = ByteLM(tiny_config, rngs=nnx.Rngs(2))
+  hits = gen._cached_sampler.cache_info().hits
+  (text,) = gen.generate(other, [b"ab"], 6, sampling=sampling, stop_at_eos=False)
+  assert gen._cached_sampler.cache_info().hits == hits + 1
+  seq = [vocab.BOS, ord("a"), ord("b")]
+  for _ in range(6):
+    logits = other(jnp.asarray([seq], jnp.int32)).logits_BxTxV[0, -1]
+    seq.append(int(jnp.argmax(logits.at[jnp.asarray([vocab.BOS, vocab.PAD, vocab.RESERVED])].set(-jnp.inf))))
+  assert text == vocab.decode(seq[3:])
+
+
 def test_scan_and_unrolled_layers_agree(rng):
   scanned = ByteLM(tiny_bytelm_config(), rngs=nnx.Rngs(5))
   unrolled = ByteLM(tiny_bytelm_config(scan_layers=False), rngs=nnx.Rngs(5))
