@@ -21,11 +21,14 @@ Structure (one kernel source for every backend):
   query heads sharing it, so grouped heads need no repeat and no reduction afterwards.
 * Backend differences live only in the specs: the small int tables go to SMEM on TPU (Mosaic), and
   compiler params (Triton ``num_warps``/``num_stages``; Mosaic dimension semantics) and default block sizes
-  are picked per backend. ``interpret=None`` means interpret mode on CPU, compiled elsewhere.
+  are picked per backend. ``interpret=None`` means interpret mode on CPU, compiled elsewhere. ``backend=``
+  picks another backend's specs, so a CPU host can lower the kernels for TPU/GPU (see ``bytescale.kernels``).
 
 Limits: positions must satisfy ``|pos| < 2**28`` (the block summaries use ``±2**29`` as empty sentinels).
-The forward/dq kernels hold a whole K/V row per program: on TPU that must fit VMEM (long rows need the
-kv-grid-axis variant, not written). Inside ``shard_map``, ``pallas_call`` needs ``check_vma=False``
+The forward/dq kernels hold a whole K/V row per program, the dk/dv kernel the whole Q/dO row of its R query
+heads: on TPU that must fit VMEM, double-buffered (``tests/test_kernel_lowering.py`` estimates it; a 2k-token
+backward with R = 4, head dim 128, bf16 needs ~10 MiB of the 16 MiB default on v5e; longer rows need
+grid-axis variants, not written). Inside ``shard_map``, ``pallas_call`` needs ``check_vma=False``
 (``jax.shard_map(..., check_vma=False)``); arrays sharded over Explicit mesh axes must go through such a
 ``shard_map`` (called on them directly, the kernel refs would carry the sharding and fail to index).
 """
@@ -41,6 +44,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from bytescale.kernels import resolve_backend
 from bytescale.ops.attention import _check_shapes
 
 _BIG = 2**29  # sentinel for "no valid entry" in block summaries; differences stay inside int32
@@ -89,10 +93,7 @@ class _Config:
 
 
 def _backend() -> str:
-  platform = jax.default_backend()
-  if platform in ("gpu", "cuda", "rocm"):
-    return "gpu"
-  return "tpu" if platform == "tpu" else "cpu"
+  return resolve_backend()  # the local backend
 
 
 def _next_pow2(n: int) -> int:
@@ -170,6 +171,7 @@ def _visit_range(table_BxMxN):
 
 
 def _mask(q_pos_Qx1, q_seg_Qx1, kv_pos_1xC, kv_seg_1xC, causal, window):
+  # Elementwise and broadcasting only, so it also builds the transposed CxQ mask from 1xQ and Cx1 operands.
   mask = (q_seg_Qx1 == kv_seg_1xC) & (kv_seg_1xC != 0)
   if causal:
     mask = mask & (kv_pos_1xC <= q_pos_Qx1)
@@ -240,6 +242,7 @@ def _fwd_kernel(
 
 
 def _probs(q_QxD, k_CxD, lse_Qx1, mask, scale):
+  # Also used transposed: _probs(k_CxD, q_QxD, lse_1xQ, mask_CxQ, scale) gives the CxQ probabilities.
   s = _dot(q_QxD, k_CxD, 1, 1) * scale
   return jnp.where(mask, jnp.exp(s - lse_Qx1), 0.0)
 
@@ -276,22 +279,25 @@ def _dkv_kernel(
     q_info_ref, kv_info_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_ref, k_ref, v_ref,
     do_ref, lse_ref, delta_ref, *rest, cfg, num_rep: int,
 ):
+  # Computed transposed (kv rows x q columns): the per-query vectors of the whole row (positions, segments,
+  # lse, delta) are then lane-dense 1xQ rows; as Qx1 columns TPU VMEM would pad each to 128 lanes (128x the
+  # bytes), and the matmuls need no transposed operand.
   dk_ref, dv_ref = rest
   j = pl.program_id(2)
   kv_stats = _read_stats(kv_info_ref, j)
   lo, hi = kv_info_ref[_LO, j], kv_info_ref[_HI, j]
   k_CxD, v_CxD = k_ref[...], v_ref[...]
-  kv_pos_1xC, kv_seg_1xC = kv_pos_ref[...], kv_seg_ref[...]
+  kv_pos_Cx1, kv_seg_Cx1 = kv_pos_ref[...], kv_seg_ref[...]
 
   def visit(i, carry):
     dk_CxD, dv_CxD = carry
-    mask = _mask(q_pos_ref[i], q_seg_ref[i], kv_pos_1xC, kv_seg_1xC, cfg.causal, cfg.window)
+    mask_CxQ = _mask(q_pos_ref[i], q_seg_ref[i], kv_pos_Cx1, kv_seg_Cx1, cfg.causal, cfg.window)
     for r in range(num_rep):  # the query heads sharing this KV head: reuse the k/v block and the mask
       q_QxD, do_QxD = q_ref[r, i], do_ref[r, i]
-      p = _probs(q_QxD, k_CxD, lse_ref[r, i], mask, cfg.scale)
-      dv_CxD = dv_CxD + _dot(p.astype(do_QxD.dtype), do_QxD, 0, 0)
-      ds = p * (_dot(do_QxD, v_CxD, 1, 1) - delta_ref[r, i])
-      dk_CxD = dk_CxD + _dot(ds.astype(q_QxD.dtype), q_QxD, 0, 0)
+      p_CxQ = _probs(k_CxD, q_QxD, lse_ref[r, i], mask_CxQ, cfg.scale)
+      dv_CxD = dv_CxD + _dot(p_CxQ.astype(do_QxD.dtype), do_QxD, 1, 0)
+      ds_CxQ = p_CxQ * (_dot(v_CxD, do_QxD, 1, 1) - delta_ref[r, i])
+      dk_CxD = dk_CxD + _dot(ds_CxQ.astype(q_QxD.dtype), q_QxD, 1, 0)
     return dk_CxD, dv_CxD
 
   def body(i, carry):
@@ -368,9 +374,9 @@ def _meta_specs(cfg, n_q, n_k, *, kv_major: bool):
       _table_spec((None, 6, n_q), lambda b, h, x: (b, 0, 0), cfg.backend),
       _table_spec((None, 6, n_k), lambda b, h, x: (b, 0, 0), cfg.backend),
   ]
-  if kv_major:  # one kv block per program; all q blocks, indexed on the leading block axis
-    q_meta = pl.BlockSpec((None, n_q, bq, 1), lambda b, g, j: (b, 0, 0, 0))
-    kv_meta = pl.BlockSpec((None, 1, bk), lambda b, g, j: (b, 0, j))
+  if kv_major:  # one kv block per program (a Cx1 column); all q blocks (1xQ rows) on the leading block axis
+    q_meta = pl.BlockSpec((None, n_q, 1, bq), lambda b, g, j: (b, 0, 0, 0))
+    kv_meta = pl.BlockSpec((None, bk, 1), lambda b, g, j: (b, j, 0))
   else:  # one q block per program; all kv blocks
     q_meta = pl.BlockSpec((None, bq, 1), lambda b, h, i: (b, i, 0))
     kv_meta = pl.BlockSpec((None, n_k, 1, bk), lambda b, h, i: (b, 0, 0, 0))
@@ -392,9 +398,9 @@ def _forward(cfg, q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_info, kv_info):
   row_spec = pl.BlockSpec((None, None, bq, 1), lambda b_, h_, i: (b_, h_, i, 0))
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t_pad, 1), jnp.float32)]
   out_specs = [q_spec, row_spec]
-  if cfg.count_visits:
-    out_shape.append(jax.ShapeDtypeStruct((b, h, n_q), jnp.int32))
-    out_specs.append(pl.BlockSpec((None, None, 1), lambda b_, h_, i: (b_, h_, i)))
+  if cfg.count_visits:  # one whole (8, 128) int32 tile per program: Mosaic rejects a (.., 1) block of (.., nQ)
+    out_shape.append(jax.ShapeDtypeStruct((b, h, n_q, 8, 128), jnp.int32))
+    out_specs.append(pl.BlockSpec((None, None, None, 8, 128), lambda b_, h_, i: (b_, h_, i, 0, 0)))
   args = (
       q_info, kv_info, *_q_major_meta(q_pos, q_seg, kv_pos, kv_seg, n_k, bk),
       q, k.reshape(b, g, n_k, bk, d), v.reshape(b, g, n_k, bk, d),
@@ -444,9 +450,10 @@ def _backward(cfg, res, do):
   )
 
   # dk/dv: kv-major; the R query heads of group g are heads g*R .. g*R+R-1, i.e. block g of size R.
+  # Per-query vectors as 1xQ rows (lse/delta: BxHxnQx1xbq), per-key ones as Cx1 columns (see _dkv_kernel).
   kv_blk = pl.BlockSpec((None, None, bk, d), lambda b_, g_, j: (b_, g_, j, 0))
   qh_spec = pl.BlockSpec((None, rep, n_q, bq, d), lambda b_, g_, j: (b_, g_, 0, 0, 0))
-  rowh_spec = pl.BlockSpec((None, rep, n_q, bq, 1), lambda b_, g_, j: (b_, g_, 0, 0, 0))
+  rowh_spec = pl.BlockSpec((None, rep, n_q, 1, bq), lambda b_, g_, j: (b_, g_, 0, 0, 0))
   dk, dv = _call(
       functools.partial(_dkv_kernel, cfg=cfg, num_rep=rep),
       cfg,
@@ -459,9 +466,9 @@ def _backward(cfg, res, do):
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       args=(
           q_info, kv_info,
-          q_pos.reshape(b, n_q, bq, 1), q_seg.reshape(b, n_q, bq, 1), kv_pos[:, None, :], kv_seg[:, None, :],
+          q_pos.reshape(b, n_q, 1, bq), q_seg.reshape(b, n_q, 1, bq), kv_pos[..., None], kv_seg[..., None],
           q.reshape(b, h, n_q, bq, d), k, v, do.reshape(b, h, n_q, bq, d),
-          lse.reshape(b, h, n_q, bq, 1), delta.reshape(b, h, n_q, bq, 1),
+          lse.reshape(b, h, n_q, 1, bq), delta.reshape(b, h, n_q, 1, bq),
       ),
       name="bytescale_flash_dkv",
       head_dim=d,
@@ -491,8 +498,10 @@ _flash_core.defvjp(_flash_core_fwd, _flash_core_bwd)
 # Public API.
 
 
-def _resolve_config(q_shape, s, *, causal, window, scale, block_q, block_k, interpret, count_visits=False):
-  backend = _backend()
+def _resolve_config(
+    q_shape, s, *, causal, window, scale, block_q, block_k, interpret, backend=None, count_visits=False
+):
+  backend = _backend() if backend is None else resolve_backend(backend)
   if interpret is None:
     interpret = backend == "cpu"
   if not interpret and backend == "cpu":
@@ -555,17 +564,21 @@ def flash_attention(
     block_q: int | None = None,
     block_k: int | None = None,
     interpret: bool | None = None,
+    backend: str | None = None,
 ):
   """Fused attention with the semantics of ``attention_reference``; differentiable (Pallas backward).
 
   float32 or bfloat16 inputs (softmax and accumulation in float32). ``block_q``/``block_k`` override the
   per-backend defaults (powers of two on GPU; multiples of 8). Sequence lengths need not be multiples of the
-  blocks. Works under ``jax.jit``; inside ``shard_map`` use ``check_vma=False``.
+  blocks. Works under ``jax.jit``; inside ``shard_map`` use ``check_vma=False``. ``backend`` (``"cpu"``,
+  ``"gpu"``/``"cuda"``/``"rocm"``, ``"tpu"``; None = local) selects the specs, compiler params and default
+  blocks. A non-local one is for lowering (``jax.jit(...).trace(...).lower(lowering_platforms=...)``) or for
+  running that backend's configuration in interpret mode (``interpret=True``).
   """
   _check_shapes(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
   cfg = _resolve_config(
       q_BxTxHxK.shape, k_BxSxGxK.shape[1], causal=causal, window=window, scale=scale,
-      block_q=block_q, block_k=block_k, interpret=interpret,
+      block_q=block_q, block_k=block_k, interpret=interpret, backend=backend,
   )
   return _flash_jit(
       cfg, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, q_positions_BxT, kv_positions_BxS, q_segment_ids_BxT,
@@ -595,6 +608,7 @@ def block_visits(
     block_q: int | None = None,
     block_k: int | None = None,
     interpret: bool | None = None,
+    backend: str | None = None,
 ):
   """Introspection for tests/benchmarks: ``(table BxnQxnK bool, visits BxHxnQ int32)``.
 
@@ -604,19 +618,19 @@ def block_visits(
   _check_shapes(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
   cfg = _resolve_config(
       q_BxTxHxK.shape, k_BxSxGxK.shape[1], causal=causal, window=window, scale=None,
-      block_q=block_q, block_k=block_k, interpret=interpret, count_visits=True,
+      block_q=block_q, block_k=block_k, interpret=interpret, backend=backend, count_visits=True,
   )
   args, table = _prepare(
       cfg, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, q_positions_BxT, kv_positions_BxS, q_segment_ids_BxT,
       kv_segment_ids_BxS,
   )
-  visits = _forward(cfg, *args)[2]
+  visits = _forward(cfg, *args)[2][..., 0, 0]
   return table, visits
 
 
 def default_block_sizes(head_dim: int, backend: str | None = None) -> tuple[int, int]:
   """The (block_q, block_k) used when none are given (before shrinking to short sequences)."""
-  backend = backend or _backend()
+  backend = _backend() if backend is None else resolve_backend(backend)
   return _DEFAULT_BLOCKS[backend].get(head_dim, _DEFAULT_BLOCKS[backend][128])
 
 

@@ -16,6 +16,8 @@ Kernels (grid axes: batch, block, feature block):
   sum: one-hot matmul gathers the patch gradient; max: the gradient goes where ``t == argmax``.
 
 Span tables (``Bx2xnBlocks`` int32) are computed in jnp before the ``pallas_call`` (SMEM on TPU).
+``backend=`` picks another backend's specs, so a CPU host can lower the kernels for TPU/GPU (see
+``bytescale.kernels``).
 Like every ``pallas_call``: inside ``shard_map`` use ``check_vma=False``, and call it on explicitly sharded
 arrays only through such a ``shard_map``.
 """
@@ -30,6 +32,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+from bytescale.kernels import resolve_backend
 
 PoolOp = Literal["max", "mean", "sum"]
 _BIG = 2**30
@@ -49,10 +53,7 @@ class _Config:
 
 
 def _backend() -> str:
-  platform = jax.default_backend()
-  if platform in ("gpu", "cuda", "rocm"):
-    return "gpu"
-  return "tpu" if platform == "tpu" else "cpu"
+  return resolve_backend()  # the local backend
 
 
 def _round_up(n: int, m: int) -> int:
@@ -61,6 +62,21 @@ def _round_up(n: int, m: int) -> int:
 
 def _next_pow2(n: int) -> int:
   return 1 << max(0, (n - 1).bit_length())
+
+
+def _check_block(name: str, block: int | None, backend: str, full: int):
+  """Explicit block sizes must suit the backend's lowering (else Mosaic/Triton fail with a less clear error)."""
+  if block is None:
+    return
+  if block <= 0:
+    raise ValueError(f"{name} must be positive, got {block}")
+  if backend == "gpu" and block & (block - 1):
+    raise ValueError(f"{name}: Triton needs power-of-two blocks, got {block}")
+  # TPU: the minor block dim (features) a multiple of 128 lanes unless one block spans it; the others (tokens,
+  # patches: second-minor) a multiple of 8 sublanes.
+  multiple = 128 if name == "block_d" else 8
+  if backend == "tpu" and block % multiple and not (name == "block_d" and block >= full):
+    raise ValueError(f"{name} must be a multiple of {multiple} on TPU (Mosaic tiles are 8 x 128), got {block}")
 
 
 def _table_spec(shape, index_map, backend):
@@ -290,18 +306,27 @@ def patch_pool(
     block_n: int | None = None,
     block_d: int | None = None,
     interpret: bool | None = None,
+    backend: str | None = None,
 ):
-  """Pool ``x_BxTxD`` per segment id into ``BxNxD`` with Pallas kernels (see module docstring)."""
+  """Pool ``x_BxTxD`` per segment id into ``BxNxD`` with Pallas kernels (see module docstring).
+
+  ``backend`` (``"cpu"``, ``"gpu"``/``"cuda"``/``"rocm"``, ``"tpu"``; None = local) selects the specs, compiler
+  params and default blocks. A non-local one is for lowering (``jax.jit(...).trace(...).lower(...)``) or for
+  running that backend's configuration in interpret mode (``interpret=True``). Explicit blocks are checked
+  against the backend: powers of two on GPU; on TPU multiples of 8 (``block_d``: of 128, or >= the feature dim).
+  """
   if op not in ("max", "mean", "sum"):
     raise ValueError(f"op must be 'max', 'mean' or 'sum', got {op!r}")
   if x_BxTxD.ndim != 3 or segment_ids_BxT.shape != x_BxTxD.shape[:2]:
     raise ValueError(f"expected x BxTxD and ids BxT, got {x_BxTxD.shape} and {segment_ids_BxT.shape}")
-  backend = _backend()
+  backend = _backend() if backend is None else resolve_backend(backend)
   if interpret is None:
     interpret = backend == "cpu"
   if not interpret and backend == "cpu":
     raise ValueError("Pallas kernels run on CPU only in interpret mode (interpret=True or None)")
   _, t, d = x_BxTxD.shape
+  for name, block in (("block_t", block_t), ("block_n", block_n), ("block_d", block_d)):
+    _check_block(name, block, backend, full=d)
   dt, dn, dd = _DEFAULT_BLOCKS[backend]
   min_t = 8 if backend != "gpu" else 16
   cfg = _Config(
