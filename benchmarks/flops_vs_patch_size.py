@@ -265,6 +265,10 @@ def write(args, measured, rows, budget, matched, seconds):
       continue
     lines.append(f"| {r['p']:g} | {r['d_model']} | {r['heads']} | {r['layers']} | {r['params'] / 1e6:,.0f}M | "
                  f"{r['forward'] / 1e9:.3f} | {100 * r['forward'] / r['budget']:.1f}% |")
+  entropy_lm = flops.entropy_model_flops(configs.get_preset("bytelm", "entropy-100m"), args.seq_len)
+  lines += ["", f"Not in the table (as in the paper): the paper-size entropy model (`bytelm/entropy-100m`, frozen) "
+            f"adds {entropy_lm.forward / 1e9:.3f} GFLOPs per byte to inference and to training (forward only) "
+            f"at every patch size."]
   at = {r["label"]: r for r in rows}
   if "8" in at:
     lines += ["", f"Patch 8 against patch 1 with the global model fixed: {at['8']['forward'] / base:.2f}x the FLOPs "

@@ -502,16 +502,23 @@ def _register():
   from bytescale import flops
 
   def mtp_flops(config: MultiTokenConfig, seq_len: int, *, convention="exact", attention="causal"):
-    """Training forward: the trunk, then every head's block, unembedding (and sequential projections)."""
+    """Training forward: the trunk, then every head's block, unembedding (and sequential projections). The
+    trunk's ``unembed`` is head 1's (the trunk's own logits are never computed)."""
     n = config.mtp_heads
     count = flops.flops_per_byte(config.effective_trunk, seq_len, convention=convention, attention=attention)
     head = config.head_stack
-    count += flops.stack_flops(dataclasses.replace(head, num_layers=n), seq_len, convention=convention,
-                               attention=attention, prefix="mtp_heads.")
+    # The heads are plain blocks: the trunk stack's remat policy does not apply to them.
+    count += flops.stack_flops(dataclasses.replace(head, num_layers=n, remat="none"), seq_len,
+                               convention=convention, attention=attention, prefix="mtp_heads.")
     extra = {"mtp_heads.unembed": (n - 1) * 2.0 * head.d_model * vocab.VOCAB_SIZE}
     if config.mtp_variant == "sequential":
       extra["mtp_heads.combine"] = (n - 1) * 2.0 * 2 * head.d_model * head.d_model
-    return count + flops.FlopCount(extra)
+    count += flops.FlopCount(extra)
+    if config.mtp_memory_efficient:
+      # The memory-efficient loss recomputes every head (block, combine, unembedding) in the backward pass.
+      count = count.with_recomputed(name for name in count.components
+                                    if name.startswith("mtp_heads.") or name == "unembed")
+    return count
 
   flops.register_flop_counter(MultiTokenConfig, mtp_flops)
   register_model("mtp", MultiTokenConfig, MultiTokenLM, {},

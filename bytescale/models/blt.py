@@ -535,8 +535,8 @@ def blt_loss(model, batch):
 
 
 def flops_per_byte(config: BLTConfig, seq_len: int, average_patch_size: float | None = None, *,
-                   convention: str = "exact", attention: str = "causal"):
-  """Analytic forward FLOPs per byte by component (a ``bytescale.flops.FlopCount``; training = 3 x forward).
+                   convention: str = "exact", attention: str = "causal", include_entropy_model: bool = False):
+  """Analytic forward FLOPs per byte by component (a ``bytescale.flops.FlopCount``, with training factors).
 
   Conventions as in ``bytescale.flops`` (BLT paper eq. 13-17 in spirit: embeddings and the entropy model are
   free). The global model runs once per patch: ``1 / average_patch_size`` times per byte over a context of
@@ -544,6 +544,9 @@ def flops_per_byte(config: BLTConfig, seq_len: int, average_patch_size: float | 
   ``attention="dense"`` (what the plain XLA path computes) every one of the ``max_patches`` slots is counted,
   and encoder queries against all ``seq_len`` bytes. ``average_patch_size`` defaults to the stride for strided
   patching and to 4.5 (the paper's) otherwise; pass the measured one.
+
+  ``include_entropy_model`` adds the entropy model's forward passes (entropy patching only) as separate
+  ``entropy_model.*`` components, frozen (training factor 1); the default total excludes them, as the paper does.
   """
   from bytescale import flops
 
@@ -570,7 +573,20 @@ def flops_per_byte(config: BLTConfig, seq_len: int, average_patch_size: float | 
       "decoder.cross_attention": (2 * (e.d_model * d.d_model + 2 * d.d_model * dec_width + 2 * q * dec_width)
                                   + per_slot_decoder * slots_per_byte),
       "unembed": 2.0 * d.d_model * vocab.VOCAB_SIZE,
-  })
+  }) + (_entropy_model_flops(c, seq_len, **kw) if include_entropy_model else flops.FlopCount({}))
+
+
+def _entropy_model_flops(config: BLTConfig, seq_len: int, **kw):
+  from bytescale import flops
+
+  if not config.patching.needs_entropies:
+    return flops.FlopCount({})
+  if config.entropy_model_config is None:
+    raise ConfigError("BLTConfig.entropy_model_config: unknown, so the entropy model's FLOPs cannot be counted; "
+                      "set entropy_model=DIR (or entropy_model_config) or count without include_entropy_model")
+  pc = config.patching
+  return flops.entropy_model_flops(config.entropy_model_config, seq_len, context=pc.entropy_context,
+                                   overlap=pc.entropy_overlap, **kw)
 
 
 def _register_flops():
