@@ -222,7 +222,7 @@ def plot(rows, matched, measured, args, path):
 
 def write(args, measured, rows, budget, matched, seconds):
   lines = [
-      f"Machine: {machine()}. Command: `python benchmarks/flops_vs_patch_size.py {' '.join(sys.argv[1:])}` "
+      f"Machine: {machine()}. Command: `{' '.join(['python benchmarks/flops_vs_patch_size.py', *sys.argv[1:]])}` "
       f"({seconds:.0f} s). Counts are analytic (`bytescale.flops`, exact convention unless noted; per byte of a "
       f"{args.seq_len}-byte context; hash lookups and the entropy model free). Plot: "
       f"`benchmarks/flops_vs_patch_size.png`.",

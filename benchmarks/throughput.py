@@ -119,7 +119,7 @@ def main():
   table = "\n".join([
       f"Machine: {machine()}. Matmul peak: a {peak_size}-square {peak_dtype} matmul, measured just before each "
       f"row's training run.",
-      f"Command: `python benchmarks/throughput.py {' '.join(sys.argv[1:])}`; batch {args.batch_size}, "
+      f"Command: `{' '.join(['python benchmarks/throughput.py', *sys.argv[1:]])}`; batch {args.batch_size}, "
       f"{steps} timed steps after compilation on a batch of {os.path.basename(source)}; generation is greedy, "
       f"{args.gen_bytes} new bytes per row. Training FLOPs from `bytescale.flops` (exact, causal attention "
       f"counted as the keys a query sees, 3x forward); BLT times and counts the space patcher (entropy patching "
@@ -130,7 +130,7 @@ def main():
       "|---|---|---|---|---|---|---|---|---|---|",
       *rows,
   ])
-  write_section(RESULTS, "Throughput and MFU", table)
+  write_section(RESULTS, f"Throughput and MFU ({'quick' if args.quick else 'full'})", table)
   print(table)
 
 
