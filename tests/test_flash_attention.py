@@ -1,7 +1,8 @@
 """Pallas flash attention (interpret mode on CPU) against an independent float64 numpy reference.
 
 Every case checks the forward output and dq/dk/dv (gradients of a random-weighted sum) with kernel outputs
-poisoned to NaN beforehand, so a block the kernels forget to write fails the test.
+poisoned to NaN beforehand, so a block the kernels forget to write fails the test. Both kernel variants run:
+resident (the CPU/GPU default) on every case, streaming (the TPU default) on one case per mask kind.
 """
 
 import zlib
@@ -78,6 +79,7 @@ CASES = {
     "long_noncausal_window": (1, 300, 300, 4, 4, 64, False, 33, "padding", jnp.float32, 32, 64),
 }
 TOL = {jnp.float32: 5e-6, jnp.bfloat16: 1.5e-2}  # max error relative to the largest reference value
+STREAMING_IDS = dict(argnames="streaming", argvalues=[False, True], ids=["resident", "streaming"])
 
 
 def make_inputs(name, b, t, s, h, g, d, layout, dtype):
@@ -107,7 +109,7 @@ def make_inputs(name, b, t, s, h, g, d, layout, dtype):
   return cast(q), cast(k), cast(v), w, q_pos, kv_pos, q_seg, kv_seg
 
 
-def run_case(name, spec):
+def run_case(name, spec, streaming=None):
   b, t, s, h, g, d, causal, window, layout, dtype, bq, bk = spec
   q, k, v, w, q_pos, kv_pos, q_seg, kv_seg = make_inputs(name, b, t, s, h, g, d, layout, dtype)
   scale = d**-0.5
@@ -120,7 +122,7 @@ def run_case(name, spec):
       q_positions_BxT=jnp.asarray(q_pos), kv_positions_BxS=jnp.asarray(kv_pos),
       q_segment_ids_BxT=None if q_seg is None else jnp.asarray(q_seg),
       kv_segment_ids_BxS=None if kv_seg is None else jnp.asarray(kv_seg),
-      causal=causal, window=window, block_q=bq, block_k=bk,
+      causal=causal, window=window, block_q=bq, block_k=bk, streaming=streaming,
   )
   qj, kj, vj = (jnp.asarray(x, dtype) for x in (q, k, v))
   wj = jnp.asarray(w)
@@ -146,16 +148,29 @@ def run_case(name, spec):
 
 
 SLOW = {"long_documents_window", "long_noncausal_window"}  # bigger grids: the slowest in interpret mode
+# The streaming variant by default on one case per mask kind (GQA, MQA and bf16 among them); the rest are slow.
+STREAMING_FAST = {
+    "causal", "noncausal_cross_T_ne_S", "window_causal", "window_noncausal", "documents_window", "padding",
+    "patch_cross_attention", "mqa_g1_head64", "bf16_documents_window_head128",
+}
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in CASES]
-)
+def _params(fast):
+  return [n if n in fast else pytest.param(n, marks=pytest.mark.slow) for n in CASES]
+
+
+@pytest.mark.parametrize("name", _params(set(CASES) - SLOW))
 def test_flash_attention_matches_float64(name):
-  run_case(name, CASES[name])
+  run_case(name, CASES[name], streaming=False)
 
 
-def test_fully_masked_rows_are_zero_not_nan():
+@pytest.mark.parametrize("name", _params(STREAMING_FAST))
+def test_streaming_flash_attention_matches_float64(name):
+  run_case(name, CASES[name], streaming=True)
+
+
+@pytest.mark.parametrize(**STREAMING_IDS)
+def test_fully_masked_rows_are_zero_not_nan(streaming):
   b, t, h, d = 1, 24, 2, 32
   rng = np.random.default_rng(7)
   q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32) for _ in range(3))
@@ -163,7 +178,7 @@ def test_fully_masked_rows_are_zero_not_nan():
   q_seg = jnp.asarray([[1] * 8 + [2] * 8 + [0] * 8])  # segment 2 has no keys; the last 8 are padding
   kv_seg = jnp.asarray([[1] * 8 + [3] * 8 + [1] * 8])
   kw = dict(q_positions_BxT=pos, kv_positions_BxS=pos, q_segment_ids_BxT=q_seg, kv_segment_ids_BxS=kv_seg,
-            causal=False, block_q=8, block_k=8)
+            causal=False, block_q=8, block_k=8, streaming=streaming)
   with fa.poison_outputs():
     out = fa.flash_attention(q, k, v, **kw)
     grads = jax.grad(lambda *a: jnp.sum(fa.flash_attention(*a, **kw) ** 2), argnums=(0, 1, 2))(q, k, v)
@@ -195,21 +210,22 @@ def _dense_block_table(mask_BxTxS, bq, bk):
   return padded.reshape(b, tp // bq, bq, sp // bk, bk).any(axis=(2, 4))
 
 
-def _visits(t, h, d, pos, seg, causal, window, bq, bk):
+def _visits(t, h, d, pos, seg, causal, window, bq, bk, streaming):
   q = jnp.zeros((1, t, h, d), jnp.float32)
   k = jnp.zeros((1, t, 1, d), jnp.float32)
   seg_j = None if seg is None else jnp.asarray(seg)
   table, visits = fa.block_visits(
       q, k, k, q_positions_BxT=jnp.asarray(pos), kv_positions_BxS=jnp.asarray(pos), q_segment_ids_BxT=seg_j,
-      kv_segment_ids_BxS=seg_j, causal=causal, window=window, block_q=bq, block_k=bk,
+      kv_segment_ids_BxS=seg_j, causal=causal, window=window, block_q=bq, block_k=bk, streaming=streaming,
   )
   return np.asarray(table), np.asarray(visits)
 
 
-def test_block_skipping_is_banded_for_causal_window():
+@pytest.mark.parametrize(**STREAMING_IDS)
+def test_block_skipping_is_banded_for_causal_window(streaming):
   t, bq, bk, window = 128, 16, 16, 20
   pos = np.arange(t)[None].astype(np.int32)
-  table, visits = _visits(t, 2, 16, pos, None, True, window, bq, bk)
+  table, visits = _visits(t, 2, 16, pos, None, True, window, bq, bk, streaming)
   dense = _dense_block_table(np.asarray(attention_mask(jnp.asarray(pos), jnp.asarray(pos), window=window)), bq, bk)
   np.testing.assert_array_equal(table, dense)  # exact for arange positions: every computed block is needed
   # What the kernel ran: exactly the table's blocks, for every head.
@@ -220,17 +236,26 @@ def test_block_skipping_is_banded_for_causal_window():
   assert table.sum() < n * (n + 1) // 2  # strictly fewer than plain causal
 
 
-def test_block_skipping_documents_is_conservative_and_skips():
+@pytest.mark.parametrize(**STREAMING_IDS)
+def test_block_skipping_documents_is_conservative_and_skips(streaming):
   t, bq, bk = 96, 16, 16
   seg = np.repeat(np.arange(1, 5), 24)[None].astype(np.int32)  # 4 documents, not block aligned
   pos = np.asarray(segment_positions(jnp.asarray(seg)))
-  table, visits = _visits(t, 1, 16, pos, seg, True, None, bq, bk)
+  table, visits = _visits(t, 1, 16, pos, seg, True, None, bq, bk, streaming)
   dense = _dense_block_table(
       np.asarray(attention_mask(jnp.asarray(pos), jnp.asarray(pos), jnp.asarray(seg), jnp.asarray(seg))), bq, bk
   )
   assert np.all(table >= dense)  # never skips a needed block
   assert table.sum() < np.tril(np.ones((t // bq, t // bk))).sum()  # and skips across documents
   np.testing.assert_array_equal(visits[:, 0], table.sum(-1))
+
+
+def test_streaming_is_refused_on_gpu():
+  q = jnp.zeros((1, 8, 2, 32), jnp.float32)
+  pos = jnp.broadcast_to(jnp.arange(8), (1, 8))
+  with pytest.raises(ValueError, match="streaming=True"):
+    fa.flash_attention(q, q, q, q_positions_BxT=pos, kv_positions_BxS=pos, backend="gpu", interpret=True,
+                       streaming=True)
 
 
 def test_cudnn_raises_clearly_on_cpu():

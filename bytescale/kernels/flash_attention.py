@@ -13,24 +13,37 @@ Structure (one kernel source for every backend):
   position and the min/max non-zero segment id (``BxNxnB`` int32, tiny). From these a conservative test
   ``_blocks_may_interact`` says whether a (q block, kv block) pair can contain a visible pair. The same test
   gives, per q block, the first and last kv block to visit (and per kv block the q-block range for dk/dv), so
-  the kernel's loop only spans the band, and inside the band a ``lax.cond`` skips blocks that the test
-  excludes (e.g. other documents). For positions = arange the test is exact for causal and windowed masks.
-* Forward and dq kernels: grid ``(B, H, nQ)``; each program keeps one q block and loops over kv blocks of
-  the whole K/V row of its KV group (``BxGxnKxbkxK``, indexed on the leading block axis). dk/dv kernel:
-  grid ``(B, G, nK)``; each program keeps one kv block and loops over q blocks and over the ``R = H // G``
-  query heads sharing it, so grouped heads need no repeat and no reduction afterwards.
+  the kernels only work on the band, and inside the band skip the blocks that the test excludes (e.g. other
+  documents): ``lax.cond`` in the resident kernels' loops, ``pl.when`` in the streaming kernels' steps. For
+  positions = arange the test is exact for causal and windowed masks.
+* Two kernel variants, the same per-block math (``_softmax_step``, ``_dq_step``, ``_dkv_step``):
+
+  - *Resident* (GPU default; CPU interpret default, where it runs fastest): forward and dq grid
+    ``(B, H, nQ)``, each program keeps one q block and loops over kv blocks of the whole K/V row of its KV
+    group (``BxGxnKxbkxK``, indexed on the leading block axis); dk/dv grid ``(B, G, nK)``, each program keeps
+    one kv block and loops over q blocks and over the ``R = H // G`` query heads sharing it, so grouped
+    heads need no repeat and no reduction afterwards. No scratch memory (Triton has none).
+  - *Streaming* (TPU default): the blocks of the other operand become the innermost sequential grid axis:
+    forward/dq ``(B, H, nQ, nK)``, dk/dv ``(B, G, nK, R, nQ)``. The running state (online-softmax max/sum/
+    output, or the dq / dk, dv sums) lives in VMEM scratch, set up on the first step and written out on the
+    last, so VMEM use does not grow with the sequence. The block tables are scalar-prefetched into SMEM and
+    the index maps clamp the streamed block into the visit band, so a skipped step asks for the block
+    already fetched: it costs a grid step (all ``nK`` steps run) but no DMA. ``streaming=`` overrides.
 * Backend differences live only in the specs: the small int tables go to SMEM on TPU (Mosaic), and
   compiler params (Triton ``num_warps``/``num_stages``; Mosaic dimension semantics) and default block sizes
   are picked per backend. ``interpret=None`` means interpret mode on CPU, compiled elsewhere. ``backend=``
   picks another backend's specs, so a CPU host can lower the kernels for TPU/GPU (see ``bytescale.kernels``).
 
 Limits: positions must satisfy ``|pos| < 2**28`` (the block summaries use ``±2**29`` as empty sentinels).
-The forward/dq kernels hold a whole K/V row per program, the dk/dv kernel the whole Q/dO row of its R query
-heads: on TPU that must fit VMEM, double-buffered (``tests/test_kernel_lowering.py`` estimates it; a 2k-token
-backward with R = 4, head dim 128, bf16 needs ~10 MiB of the 16 MiB default on v5e; longer rows need
-grid-axis variants, not written). Inside ``shard_map``, ``pallas_call`` needs ``check_vma=False``
-(``jax.shard_map(..., check_vma=False)``); arrays sharded over Explicit mesh axes must go through such a
-``shard_map`` (called on them directly, the kernel refs would carry the sharding and fail to index).
+The resident kernels hold a whole K/V row per program (dk/dv: the whole Q/dO row of its R query heads), which
+on TPU must fit VMEM, double-buffered: a 2k-token GQA backward (R = 4, head dim 128, bf16) needs ~10 MiB of
+the 16 MiB default on v5e, 32k tokens ~37 MiB (forward) to ~150 MiB (dk/dv); the streaming kernels need
+under 2 MiB at any length (estimates: ``tests/test_kernel_lowering.py``). The streaming kernels still fetch
+the skipped blocks *inside* the band (other documents). Both variants are lowered for TPU here, never compiled
+or run on one: Mosaic's layout passes (e.g. for the Qx1 scratch columns) and the speed are unchecked.
+Inside ``shard_map``, ``pallas_call`` needs ``check_vma=False`` (``jax.shard_map(..., check_vma=False)``);
+arrays sharded over Explicit mesh axes must go through such a ``shard_map`` (called on them directly, the
+kernel refs would carry the sharding and fail to index).
 """
 
 from __future__ import annotations
@@ -59,6 +72,8 @@ _DEFAULT_BLOCKS = {
     "cpu": {64: (128, 128), 128: (128, 128), 256: (128, 128)},  # interpret: fewer, bigger steps are faster
 }
 _MIN_BLOCK = {"gpu": 16, "tpu": 128, "cpu": 8}
+# Kernel variant per backend when ``streaming=None`` (see the module docstring). Triton has no scratch memory.
+_DEFAULT_STREAMING = {"gpu": False, "tpu": True, "cpu": False}
 
 
 @dataclasses.dataclass
@@ -88,6 +103,7 @@ class _Config:
   scale: float
   backend: str
   interpret: bool
+  streaming: bool
   poison: bool = False
   count_visits: bool = False
 
@@ -182,7 +198,8 @@ def _mask(q_pos_Qx1, q_seg_Qx1, kv_pos_1xC, kv_seg_1xC, causal, window):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Kernels. Shape suffixes inside kernels: Q = rows of the q block, C = columns of the kv block, D = head dim.
+# Per-block math, shared by both kernel variants. Shape suffixes inside kernels: Q = rows of the q block,
+# C = columns of the kv block, D = head dim.
 
 
 def _dot(a, b, contract_a: int, contract_b: int):
@@ -193,8 +210,60 @@ def _dot(a, b, contract_a: int, contract_b: int):
   )
 
 
-def _read_stats(info_ref, i):
-  return tuple(info_ref[r, i] for r in range(_NUM_STATS))
+def _read_stats(info_ref, i, b=None):
+  # Resident kernels get their batch row's table (6xn); streaming kernels the whole prefetched Bx6xn table.
+  lead = () if b is None else (b,)
+  return tuple(info_ref[(*lead, r, i)] for r in range(_NUM_STATS))
+
+
+def _softmax_step(q_QxD, k_CxD, v_CxD, mask_QxC, acc_QxD, m_Qx1, l_Qx1, scale):
+  """One kv block of the online softmax: the running (output sum, row max, row sum) after also seeing it."""
+  s_QxC = jnp.where(mask_QxC, _dot(q_QxD, k_CxD, 1, 1) * scale, -jnp.inf)
+  m_new = jnp.maximum(m_Qx1, jnp.max(s_QxC, axis=1, keepdims=True))
+  m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet: avoid inf - inf
+  p_QxC = jnp.exp(s_QxC - m_safe)  # masked entries: exp(-inf) = 0
+  alpha = jnp.exp(m_Qx1 - m_safe)
+  l_new = alpha * l_Qx1 + jnp.sum(p_QxC, axis=1, keepdims=True)
+  acc_new = alpha * acc_QxD + _dot(p_QxC.astype(v_CxD.dtype), v_CxD, 1, 0)
+  return acc_new, m_new, l_new
+
+
+def _softmax_finish(acc_QxD, m_Qx1, l_Qx1):
+  """``(output, lse)``; fully masked rows get output 0 and lse = +inf (every backward probability is then 0)."""
+  empty = l_Qx1 == 0.0
+  o_QxD = acc_QxD / jnp.where(empty, 1.0, l_Qx1)
+  lse_Qx1 = jnp.where(empty, jnp.inf, m_Qx1 + jnp.log(jnp.where(empty, 1.0, l_Qx1)))
+  return o_QxD, lse_Qx1
+
+
+def _probs(q_QxD, k_CxD, lse_Qx1, mask, scale):
+  # Also used transposed: _probs(k_CxD, q_QxD, lse_1xQ, mask_CxQ, scale) gives the CxQ probabilities.
+  s = _dot(q_QxD, k_CxD, 1, 1) * scale
+  return jnp.where(mask, jnp.exp(s - lse_Qx1), 0.0)
+
+
+def _dq_step(q_QxD, k_CxD, v_CxD, do_QxD, lse_Qx1, delta_Qx1, mask_QxC, scale):
+  """One kv block's contribution to dq (before the final ``* scale``)."""
+  p_QxC = _probs(q_QxD, k_CxD, lse_Qx1, mask_QxC, scale)
+  ds_QxC = p_QxC * (_dot(do_QxD, v_CxD, 1, 1) - delta_Qx1)
+  return _dot(ds_QxC.astype(k_CxD.dtype), k_CxD, 1, 0)
+
+
+def _dkv_step(k_CxD, v_CxD, q_QxD, do_QxD, lse_1xQ, delta_1xQ, mask_CxQ, scale):
+  """One q block's contribution to (dk before ``* scale``, dv), computed transposed (kv rows x q columns).
+
+  Transposed, the per-query vectors (lse, delta, positions, segments) are lane-dense 1xQ rows (as Qx1 columns
+  TPU VMEM pads each to 128 lanes), and the matmuls need no transposed operand.
+  """
+  p_CxQ = _probs(k_CxD, q_QxD, lse_1xQ, mask_CxQ, scale)
+  dv_CxD = _dot(p_CxQ.astype(do_QxD.dtype), do_QxD, 1, 0)
+  ds_CxQ = p_CxQ * (_dot(v_CxD, do_QxD, 1, 1) - delta_1xQ)
+  return _dot(ds_CxQ.astype(q_QxD.dtype), q_QxD, 1, 0), dv_CxD
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resident kernels (GPU; CPU interpret): one program per q block (kv block for dk/dv) holds the whole row of
+# the other operand and loops over its visit band. Grids (B, H, nQ) and (B, G, nK); no scratch memory.
 
 
 def _fwd_kernel(
@@ -209,18 +278,9 @@ def _fwd_kernel(
   bq, d = q_QxD.shape
 
   def visit(j, carry):
-    acc_QxD, m_Qx1, l_Qx1, count = carry
-    k_CxD, v_CxD = k_ref[j], v_ref[j]
-    s_QxC = _dot(q_QxD, k_CxD, 1, 1) * cfg.scale
-    mask = _mask(q_pos_Qx1, q_seg_Qx1, kv_pos_ref[j], kv_seg_ref[j], cfg.causal, cfg.window)
-    s_QxC = jnp.where(mask, s_QxC, -jnp.inf)
-    m_new = jnp.maximum(m_Qx1, jnp.max(s_QxC, axis=1, keepdims=True))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet: avoid inf - inf
-    p_QxC = jnp.exp(s_QxC - m_safe)  # masked entries: exp(-inf) = 0
-    alpha = jnp.exp(m_Qx1 - m_safe)
-    l_new = alpha * l_Qx1 + jnp.sum(p_QxC, axis=1, keepdims=True)
-    acc_new = alpha * acc_QxD + _dot(p_QxC.astype(v_CxD.dtype), v_CxD, 1, 0)
-    return acc_new, m_new, l_new, count + 1
+    *state, count = carry
+    mask_QxC = _mask(q_pos_Qx1, q_seg_Qx1, kv_pos_ref[j], kv_seg_ref[j], cfg.causal, cfg.window)
+    return *_softmax_step(q_QxD, k_ref[j], v_ref[j], mask_QxC, *state, cfg.scale), count + 1
 
   def body(j, carry):
     visible = _blocks_may_interact(q_stats, _read_stats(kv_info_ref, j), cfg.causal, cfg.window)
@@ -232,26 +292,17 @@ def _fwd_kernel(
       jnp.zeros((bq, 1), jnp.float32),
       jnp.zeros((), jnp.int32),
   )
-  acc_QxD, m_Qx1, l_Qx1, count = lax.fori_loop(lo, hi, body, init)
-  empty = l_Qx1 == 0.0
-  o_ref[...] = (acc_QxD / jnp.where(empty, 1.0, l_Qx1)).astype(o_ref.dtype)
-  # Fully masked rows: lse = +inf makes every backward probability exp(s - lse) exactly 0.
-  lse_ref[...] = jnp.where(empty, jnp.inf, m_Qx1 + jnp.log(jnp.where(empty, 1.0, l_Qx1)))
+  *state, count = lax.fori_loop(lo, hi, body, init)
+  o_QxD, lse_Qx1 = _softmax_finish(*state)
+  o_ref[...], lse_ref[...] = o_QxD.astype(o_ref.dtype), lse_Qx1
   if count_ref:
     count_ref[0][...] = jnp.full(count_ref[0].shape, count, jnp.int32)
 
 
-def _probs(q_QxD, k_CxD, lse_Qx1, mask, scale):
-  # Also used transposed: _probs(k_CxD, q_QxD, lse_1xQ, mask_CxQ, scale) gives the CxQ probabilities.
-  s = _dot(q_QxD, k_CxD, 1, 1) * scale
-  return jnp.where(mask, jnp.exp(s - lse_Qx1), 0.0)
-
-
 def _dq_kernel(
     q_info_ref, kv_info_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_ref, k_ref, v_ref,
-    do_ref, lse_ref, delta_ref, *rest, cfg,
+    do_ref, lse_ref, delta_ref, dq_ref, *, cfg,
 ):
-  (dq_ref,) = rest
   i = pl.program_id(2)
   q_stats = _read_stats(q_info_ref, i)
   lo, hi = q_info_ref[_LO, i], q_info_ref[_HI, i]
@@ -260,12 +311,8 @@ def _dq_kernel(
   q_pos_Qx1, q_seg_Qx1 = q_pos_ref[...], q_seg_ref[...]
 
   def visit(j, dq_QxD):
-    k_CxD, v_CxD = k_ref[j], v_ref[j]
-    mask = _mask(q_pos_Qx1, q_seg_Qx1, kv_pos_ref[j], kv_seg_ref[j], cfg.causal, cfg.window)
-    p = _probs(q_QxD, k_CxD, lse_Qx1, mask, cfg.scale)
-    dp = _dot(do_QxD, v_CxD, 1, 1)
-    ds = p * (dp - delta_Qx1)
-    return dq_QxD + _dot(ds.astype(k_CxD.dtype), k_CxD, 1, 0)
+    mask_QxC = _mask(q_pos_Qx1, q_seg_Qx1, kv_pos_ref[j], kv_seg_ref[j], cfg.causal, cfg.window)
+    return dq_QxD + _dq_step(q_QxD, k_ref[j], v_ref[j], do_QxD, lse_Qx1, delta_Qx1, mask_QxC, cfg.scale)
 
   def body(j, dq_QxD):
     visible = _blocks_may_interact(q_stats, _read_stats(kv_info_ref, j), cfg.causal, cfg.window)
@@ -277,12 +324,10 @@ def _dq_kernel(
 
 def _dkv_kernel(
     q_info_ref, kv_info_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_ref, k_ref, v_ref,
-    do_ref, lse_ref, delta_ref, *rest, cfg, num_rep: int,
+    do_ref, lse_ref, delta_ref, dk_ref, dv_ref, *, cfg, num_rep: int,
 ):
-  # Computed transposed (kv rows x q columns): the per-query vectors of the whole row (positions, segments,
-  # lse, delta) are then lane-dense 1xQ rows; as Qx1 columns TPU VMEM would pad each to 128 lanes (128x the
-  # bytes), and the matmuls need no transposed operand.
-  dk_ref, dv_ref = rest
+  # Loops over q blocks and over the R = H // G query heads sharing this kv head (their q/dO/lse/delta rows
+  # are blocked as RxnQx..), so grouped heads need no repeat and no reduction afterwards.
   j = pl.program_id(2)
   kv_stats = _read_stats(kv_info_ref, j)
   lo, hi = kv_info_ref[_LO, j], kv_info_ref[_HI, j]
@@ -292,12 +337,11 @@ def _dkv_kernel(
   def visit(i, carry):
     dk_CxD, dv_CxD = carry
     mask_CxQ = _mask(q_pos_ref[i], q_seg_ref[i], kv_pos_Cx1, kv_seg_Cx1, cfg.causal, cfg.window)
-    for r in range(num_rep):  # the query heads sharing this KV head: reuse the k/v block and the mask
-      q_QxD, do_QxD = q_ref[r, i], do_ref[r, i]
-      p_CxQ = _probs(k_CxD, q_QxD, lse_ref[r, i], mask_CxQ, cfg.scale)
-      dv_CxD = dv_CxD + _dot(p_CxQ.astype(do_QxD.dtype), do_QxD, 1, 0)
-      ds_CxQ = p_CxQ * (_dot(v_CxD, do_QxD, 1, 1) - delta_ref[r, i])
-      dk_CxD = dk_CxD + _dot(ds_CxQ.astype(q_QxD.dtype), q_QxD, 1, 0)
+    for r in range(num_rep):  # reuse the k/v block and the mask for every query head of the group
+      dk_step, dv_step = _dkv_step(
+          k_CxD, v_CxD, q_ref[r, i], do_ref[r, i], lse_ref[r, i], delta_ref[r, i], mask_CxQ, cfg.scale
+      )
+      dk_CxD, dv_CxD = dk_CxD + dk_step, dv_CxD + dv_step
     return dk_CxD, dv_CxD
 
   def body(i, carry):
@@ -308,6 +352,98 @@ def _dkv_kernel(
   dk_CxD, dv_CxD = lax.fori_loop(lo, hi, body, (zeros, zeros))
   dk_ref[...] = (dk_CxD * cfg.scale).astype(dk_ref.dtype)
   dv_ref[...] = dv_CxD.astype(dv_ref.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streaming kernels (TPU): the blocks of the other operand are the innermost ("arbitrary") grid axis, one
+# block pair per step; the running state lives in VMEM scratch, set up on the first step and written out on
+# the last. The block tables are scalar-prefetched (whole, to SMEM), so the index maps can clamp the streamed
+# block into the visit band: steps outside it ask for the block already fetched, so skipped blocks cost a
+# grid step but no DMA. Grids (B, H, nQ, nK) and (B, G, nK, R, nQ).
+
+
+def _stream_visible(q_info_ref, kv_info_ref, b, i, j, cfg):
+  # The band [lo, hi) is the span of this test's True entries, so every visited block lies inside it and its
+  # clamped index map fetched exactly block j (i for dk/dv).
+  return _blocks_may_interact(_read_stats(q_info_ref, i, b), _read_stats(kv_info_ref, j, b), cfg.causal, cfg.window)
+
+
+def _fwd_stream_kernel(
+    q_info_ref, kv_info_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_ref, k_ref, v_ref, *rest, cfg
+):
+  o_ref, lse_ref, *count_ref, acc_ref, m_ref, l_ref = rest
+  b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+  @pl.when(j == 0)
+  def _init():
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
+    l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
+    if count_ref:
+      count_ref[0][...] = jnp.zeros(count_ref[0].shape, jnp.int32)
+
+  @pl.when(_stream_visible(q_info_ref, kv_info_ref, b, i, j, cfg))
+  def _visit():
+    mask_QxC = _mask(q_pos_ref[...], q_seg_ref[...], kv_pos_ref[...], kv_seg_ref[...], cfg.causal, cfg.window)
+    acc_ref[...], m_ref[...], l_ref[...] = _softmax_step(
+        q_ref[...], k_ref[...], v_ref[...], mask_QxC, acc_ref[...], m_ref[...], l_ref[...], cfg.scale
+    )
+    if count_ref:  # the (8, 128) tile stays resident across the kv axis: a plain accumulator
+      count_ref[0][...] += 1
+
+  @pl.when(j == pl.num_programs(3) - 1)
+  def _finish():
+    o_QxD, lse_Qx1 = _softmax_finish(acc_ref[...], m_ref[...], l_ref[...])
+    o_ref[...], lse_ref[...] = o_QxD.astype(o_ref.dtype), lse_Qx1
+
+
+def _dq_stream_kernel(
+    q_info_ref, kv_info_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_ref, k_ref, v_ref,
+    do_ref, lse_ref, delta_ref, dq_ref, dq_acc_ref, *, cfg,
+):
+  b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+
+  @pl.when(j == 0)
+  def _init():
+    dq_acc_ref[...] = jnp.zeros(dq_acc_ref.shape, jnp.float32)
+
+  @pl.when(_stream_visible(q_info_ref, kv_info_ref, b, i, j, cfg))
+  def _visit():
+    mask_QxC = _mask(q_pos_ref[...], q_seg_ref[...], kv_pos_ref[...], kv_seg_ref[...], cfg.causal, cfg.window)
+    dq_acc_ref[...] += _dq_step(
+        q_ref[...], k_ref[...], v_ref[...], do_ref[...], lse_ref[...], delta_ref[...], mask_QxC, cfg.scale
+    )
+
+  @pl.when(j == pl.num_programs(3) - 1)
+  def _finish():
+    dq_ref[...] = (dq_acc_ref[...] * cfg.scale).astype(dq_ref.dtype)
+
+
+def _dkv_stream_kernel(
+    q_info_ref, kv_info_ref, q_pos_ref, q_seg_ref, kv_pos_ref, kv_seg_ref, q_ref, k_ref, v_ref,
+    do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_acc_ref, dv_acc_ref, *, cfg,
+):
+  # Streams the q blocks (innermost) of each of the R query heads sharing this kv head (next axis out).
+  b, j, r, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
+
+  @pl.when((r == 0) & (i == 0))
+  def _init():
+    dk_acc_ref[...] = jnp.zeros(dk_acc_ref.shape, jnp.float32)
+    dv_acc_ref[...] = jnp.zeros(dv_acc_ref.shape, jnp.float32)
+
+  @pl.when(_stream_visible(q_info_ref, kv_info_ref, b, i, j, cfg))
+  def _visit():
+    mask_CxQ = _mask(q_pos_ref[...], q_seg_ref[...], kv_pos_ref[...], kv_seg_ref[...], cfg.causal, cfg.window)
+    dk_CxD, dv_CxD = _dkv_step(
+        k_ref[...], v_ref[...], q_ref[...], do_ref[...], lse_ref[...], delta_ref[...], mask_CxQ, cfg.scale
+    )
+    dk_acc_ref[...] += dk_CxD
+    dv_acc_ref[...] += dv_CxD
+
+  @pl.when((r == pl.num_programs(3) - 1) & (i == pl.num_programs(4) - 1))
+  def _finish():
+    dk_ref[...] = (dk_acc_ref[...] * cfg.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -323,7 +459,7 @@ def _table_spec(shape, index_map, backend):
   return pl.BlockSpec(shape, index_map)
 
 
-def _compiler_params(cfg, head_dim):
+def _compiler_params(cfg, head_dim, semantics):
   if cfg.interpret:
     return None
   if cfg.backend == "gpu":
@@ -333,7 +469,7 @@ def _compiler_params(cfg, head_dim):
   if cfg.backend == "tpu":
     from jax.experimental.pallas import tpu as pltpu
 
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
+    return pltpu.CompilerParams(dimension_semantics=semantics)
   return None
 
 
@@ -341,7 +477,12 @@ def _poisoned(shape_dtypes):
   return [jnp.full(s.shape, jnp.nan, s.dtype) for s in shape_dtypes]
 
 
-def _call(kernel, cfg, *, grid, in_specs, out_specs, out_shape, args, name, head_dim):
+def _call(kernel, cfg, *, grid, in_specs, out_specs, out_shape, args, name, head_dim, prefetch=(), scratch=()):
+  """``pallas_call``; with ``prefetch`` (scalar-prefetched tables, passed first) or ``scratch``, a streaming call.
+
+  Resident calls: every grid axis parallel. Streaming calls: the last ``len(grid) - 3`` axes are sequential.
+  """
+  args = (*prefetch, *args)
   aliases = {}
   if cfg.poison:
     # NaN-filled buffers aliased to the outputs: anything the kernel does not write stays NaN.
@@ -354,21 +495,59 @@ def _call(kernel, cfg, *, grid, in_specs, out_specs, out_shape, args, name, head
     def kernel(*refs):  # the poison inputs are never read
       inner(*refs[:n_in], *refs[n_in + n_out :])
 
+  semantics = ("parallel",) * 3 + ("arbitrary",) * (len(grid) - 3)
+  if prefetch or scratch:
+    from jax.experimental.pallas import tpu as pltpu
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=len(prefetch), grid=grid, in_specs=in_specs, out_specs=out_specs, scratch_shapes=scratch
+    )
+  else:
+    grid_spec = pl.GridSpec(grid=grid, in_specs=in_specs, out_specs=out_specs)
   return pl.pallas_call(
       kernel,
-      grid=grid,
-      in_specs=in_specs,
-      out_specs=out_specs,
+      grid_spec=grid_spec,
       out_shape=out_shape,
       input_output_aliases=aliases,
       interpret=cfg.interpret,
-      compiler_params=_compiler_params(cfg, head_dim),
+      compiler_params=_compiler_params(cfg, head_dim, semantics),
       name=name,
   )(*args)
 
 
-def _meta_specs(cfg, n_q, n_k, *, kv_major: bool):
-  """Specs for (q_info, kv_info, q_pos, q_seg, kv_pos, kv_seg); grid axes are (b, head, block)."""
+def _count_shape_and_spec(b, h, n_q, index_map):
+  # One whole (8, 128) int32 tile per (b, h, q block): Mosaic rejects a (.., 1) block of (.., nQ).
+  return jax.ShapeDtypeStruct((b, h, n_q, 8, 128), jnp.int32), pl.BlockSpec((None, None, None, 8, 128), index_map)
+
+
+def _dims(cfg, q, k):
+  """``(B, H, G, D, nQ, nK, R)`` of head-major padded q/k."""
+  b, h, t_pad, d = q.shape
+  g, s_pad = k.shape[1], k.shape[2]
+  return b, h, g, d, t_pad // cfg.block_q, s_pad // cfg.block_k, h // g
+
+
+def _forward(cfg, q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_info, kv_info):
+  """``[o BxHxTxK, lse BxHxTx1 float32]`` (+ visit counts ``BxHxnQx8x128`` with ``cfg.count_visits``)."""
+  run = _forward_streaming if cfg.streaming else _forward_resident
+  return run(cfg, q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_info, kv_info)
+
+
+def _backward(cfg, res, do):
+  q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_info, kv_info, o, lse = res
+  # delta_i = sum_d o_id * do_id: a cheap elementwise reduction, left to XLA.
+  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
+  args = (cfg, q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_info, kv_info, do, lse, delta)
+  if cfg.streaming:
+    return (_dq_streaming(*args), *_dkv_streaming(*args))
+  return (_dq_resident(*args), *_dkv_resident(*args))
+
+
+# Resident variant. Grid axes (b, head, block); the whole row of the other operand is one block.
+
+
+def _resident_meta_specs(cfg, n_q, n_k, *, kv_major: bool):
+  """Specs for (q_info, kv_info, q_pos, q_seg, kv_pos, kv_seg)."""
   bq, bk = cfg.block_q, cfg.block_k
   tables = [
       _table_spec((None, 6, n_q), lambda b, h, x: (b, 0, 0), cfg.backend),
@@ -383,97 +562,177 @@ def _meta_specs(cfg, n_q, n_k, *, kv_major: bool):
   return [*tables, q_meta, q_meta, kv_meta, kv_meta]
 
 
-def _q_major_meta(q_pos, q_seg, kv_pos, kv_seg, n_k, bk):
-  b = q_pos.shape[0]
-  return q_pos[..., None], q_seg[..., None], kv_pos.reshape(b, n_k, 1, bk), kv_seg.reshape(b, n_k, 1, bk)
-
-
-def _forward(cfg, q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_info, kv_info):
-  b, h, t_pad, d = q.shape
-  g, s_pad = k.shape[1], k.shape[2]
+def _resident_q_major(cfg, q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_info, kv_info):
+  """Shared by the forward and dq calls: ``(in_specs, args, q_spec, row_spec)`` for the meta, q, k and v."""
+  b, _, g, d, n_q, n_k, rep = _dims(cfg, q, k)
   bq, bk = cfg.block_q, cfg.block_k
-  n_q, n_k, rep = t_pad // bq, s_pad // bk, h // g
   q_spec = pl.BlockSpec((None, None, bq, d), lambda b_, h_, i: (b_, h_, i, 0))
   kv_spec = pl.BlockSpec((None, None, n_k, bk, d), lambda b_, h_, i: (b_, h_ // rep, 0, 0, 0))
   row_spec = pl.BlockSpec((None, None, bq, 1), lambda b_, h_, i: (b_, h_, i, 0))
-  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, t_pad, 1), jnp.float32)]
-  out_specs = [q_spec, row_spec]
-  if cfg.count_visits:  # one whole (8, 128) int32 tile per program: Mosaic rejects a (.., 1) block of (.., nQ)
-    out_shape.append(jax.ShapeDtypeStruct((b, h, n_q, 8, 128), jnp.int32))
-    out_specs.append(pl.BlockSpec((None, None, None, 8, 128), lambda b_, h_, i: (b_, h_, i, 0, 0)))
+  in_specs = [*_resident_meta_specs(cfg, n_q, n_k, kv_major=False), q_spec, kv_spec, kv_spec]
+  by_block = lambda x: x.reshape(b, n_k, 1, bk)
   args = (
-      q_info, kv_info, *_q_major_meta(q_pos, q_seg, kv_pos, kv_seg, n_k, bk),
+      q_info, kv_info, q_pos[..., None], q_seg[..., None], by_block(kv_pos), by_block(kv_seg),
       q, k.reshape(b, g, n_k, bk, d), v.reshape(b, g, n_k, bk, d),
   )
+  return in_specs, args, q_spec, row_spec
+
+
+def _forward_resident(cfg, q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_info, kv_info):
+  b, h, _, d, n_q, _, _ = _dims(cfg, q, k)
+  in_specs, args, q_spec, row_spec = _resident_q_major(cfg, q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_info, kv_info)
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((*q.shape[:3], 1), jnp.float32)]
+  out_specs = [q_spec, row_spec]
+  if cfg.count_visits:
+    count_shape, count_spec = _count_shape_and_spec(b, h, n_q, lambda b_, h_, i: (b_, h_, i, 0, 0))
+    out_shape.append(count_shape)
+    out_specs.append(count_spec)
   return _call(
-      functools.partial(_fwd_kernel, cfg=cfg),
-      cfg,
-      grid=(b, h, n_q),
-      in_specs=[*_meta_specs(cfg, n_q, n_k, kv_major=False), q_spec, kv_spec, kv_spec],
-      out_specs=out_specs,
-      out_shape=out_shape,
-      args=args,
-      name="bytescale_flash_fwd",
-      head_dim=d,
+      functools.partial(_fwd_kernel, cfg=cfg), cfg, grid=(b, h, n_q), in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_shape, args=args, name="bytescale_flash_fwd", head_dim=d,
   )
 
 
-def _backward(cfg, res, do):
-  q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_info, kv_info, o, lse = res
-  b, h, t_pad, d = q.shape
-  g, s_pad = k.shape[1], k.shape[2]
-  bq, bk = cfg.block_q, cfg.block_k
-  n_q, n_k, rep = t_pad // bq, s_pad // bk, h // g
-  # delta_i = sum_d o_id * do_id: a cheap elementwise reduction, left to XLA.
-  delta = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1, keepdims=True)
-
-  # dq: q-major, like the forward.
-  q_spec = pl.BlockSpec((None, None, bq, d), lambda b_, h_, i: (b_, h_, i, 0))
-  kv_spec = pl.BlockSpec((None, None, n_k, bk, d), lambda b_, h_, i: (b_, h_ // rep, 0, 0, 0))
-  row_spec = pl.BlockSpec((None, None, bq, 1), lambda b_, h_, i: (b_, h_, i, 0))
+def _dq_resident(cfg, q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_info, kv_info, do, lse, delta):
+  b, h, _, d, n_q, _, _ = _dims(cfg, q, k)
+  in_specs, args, q_spec, row_spec = _resident_q_major(cfg, q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_info, kv_info)
   (dq,) = _call(
-      functools.partial(_dq_kernel, cfg=cfg),
-      cfg,
-      grid=(b, h, n_q),
-      in_specs=[
-          *_meta_specs(cfg, n_q, n_k, kv_major=False),
-          q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-      ],
-      out_specs=[q_spec],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
-      args=(
-          q_info, kv_info, *_q_major_meta(q_pos, q_seg, kv_pos, kv_seg, n_k, bk),
-          q, k.reshape(b, g, n_k, bk, d), v.reshape(b, g, n_k, bk, d), do, lse, delta,
-      ),
-      name="bytescale_flash_dq",
-      head_dim=d,
+      functools.partial(_dq_kernel, cfg=cfg), cfg, grid=(b, h, n_q),
+      in_specs=[*in_specs, q_spec, row_spec, row_spec], out_specs=[q_spec],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)], args=(*args, do, lse, delta),
+      name="bytescale_flash_dq", head_dim=d,
   )
+  return dq
 
-  # dk/dv: kv-major; the R query heads of group g are heads g*R .. g*R+R-1, i.e. block g of size R.
-  # Per-query vectors as 1xQ rows (lse/delta: BxHxnQx1xbq), per-key ones as Cx1 columns (see _dkv_kernel).
-  kv_blk = pl.BlockSpec((None, None, bk, d), lambda b_, g_, j: (b_, g_, j, 0))
+
+def _dkv_resident(cfg, q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_info, kv_info, do, lse, delta):
+  # The R query heads of kv head g are heads g*R .. g*R+R-1, i.e. block g of size R on the head axis.
+  # Per-query vectors as 1xQ rows (lse/delta: BxHxnQx1xbq), per-key ones as Cx1 columns (see _dkv_step).
+  b, h, g, d, n_q, n_k, rep = _dims(cfg, q, k)
+  bq, bk = cfg.block_q, cfg.block_k
+  kv_spec = pl.BlockSpec((None, None, bk, d), lambda b_, g_, j: (b_, g_, j, 0))
   qh_spec = pl.BlockSpec((None, rep, n_q, bq, d), lambda b_, g_, j: (b_, g_, 0, 0, 0))
   rowh_spec = pl.BlockSpec((None, rep, n_q, 1, bq), lambda b_, g_, j: (b_, g_, 0, 0, 0))
-  dk, dv = _call(
-      functools.partial(_dkv_kernel, cfg=cfg, num_rep=rep),
-      cfg,
-      grid=(b, g, n_k),
+  by_block = lambda x: x.reshape(b, n_q, 1, bq)
+  return _call(
+      functools.partial(_dkv_kernel, cfg=cfg, num_rep=rep), cfg, grid=(b, g, n_k),
       in_specs=[
-          *_meta_specs(cfg, n_q, n_k, kv_major=True),
-          qh_spec, kv_blk, kv_blk, qh_spec, rowh_spec, rowh_spec,
+          *_resident_meta_specs(cfg, n_q, n_k, kv_major=True), qh_spec, kv_spec, kv_spec, qh_spec, rowh_spec, rowh_spec,
       ],
-      out_specs=[kv_blk, kv_blk],
+      out_specs=[kv_spec, kv_spec],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       args=(
-          q_info, kv_info,
-          q_pos.reshape(b, n_q, 1, bq), q_seg.reshape(b, n_q, 1, bq), kv_pos[..., None], kv_seg[..., None],
+          q_info, kv_info, by_block(q_pos), by_block(q_seg), kv_pos[..., None], kv_seg[..., None],
           q.reshape(b, h, n_q, bq, d), k, v, do.reshape(b, h, n_q, bq, d),
           lse.reshape(b, h, n_q, 1, bq), delta.reshape(b, h, n_q, 1, bq),
       ),
-      name="bytescale_flash_dkv",
-      head_dim=d,
+      name="bytescale_flash_dkv", head_dim=d,
   )
-  return dq, dk, dv
+
+
+# Streaming variant. Index maps get the grid indices, then the two prefetched tables (q_info, kv_info).
+
+
+def _band_clamp(info_ref, b, x, y):
+  """Block ``y`` of the other operand clamped into block ``x``'s visit band ``[lo, hi)`` (block lo if empty)."""
+  lo, hi = info_ref[b, _LO, x], info_ref[b, _HI, x]
+  return lax.min(lax.max(y, lo), lax.max(lo, hi - 1))
+
+
+def _streaming_q_major(cfg, q, k, v, q_pos, q_seg, kv_pos, kv_seg):
+  """Shared by the forward and dq calls, grid (b, h, i, j): ``(in_specs, args, q_spec, row_spec)``."""
+  _, _, _, d, _, _, rep = _dims(cfg, q, k)
+  bq, bk = cfg.block_q, cfg.block_k
+  q_spec = pl.BlockSpec((None, None, bq, d), lambda b, h, i, j, *_: (b, h, i, 0))
+  row_spec = pl.BlockSpec((None, None, bq, 1), lambda b, h, i, j, *_: (b, h, i, 0))
+  kv_spec = pl.BlockSpec((None, None, bk, d), lambda b, h, i, j, qi, _: (b, h // rep, _band_clamp(qi, b, i, j), 0))
+  q_meta = pl.BlockSpec((None, bq, 1), lambda b, h, i, j, *_: (b, i, 0))
+  # 1xC rows as Bx(nK)x1xbk: the block's last two dims are then whole, which TPU needs for blocks under 128.
+  kv_meta = pl.BlockSpec((None, None, 1, bk), lambda b, h, i, j, qi, _: (b, _band_clamp(qi, b, i, j), 0, 0))
+  in_specs = [q_meta, q_meta, kv_meta, kv_meta, q_spec, kv_spec, kv_spec]
+  by_block = lambda x: x.reshape(x.shape[0], -1, 1, bk)
+  args = (q_pos[..., None], q_seg[..., None], by_block(kv_pos), by_block(kv_seg), q, k, v)
+  return in_specs, args, q_spec, row_spec
+
+
+def _forward_streaming(cfg, q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_info, kv_info):
+  from jax.experimental.pallas import tpu as pltpu
+
+  b, h, _, d, n_q, n_k, _ = _dims(cfg, q, k)
+  bq = cfg.block_q
+  in_specs, args, q_spec, row_spec = _streaming_q_major(cfg, q, k, v, q_pos, q_seg, kv_pos, kv_seg)
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((*q.shape[:3], 1), jnp.float32)]
+  out_specs = [q_spec, row_spec]
+  if cfg.count_visits:
+    count_shape, count_spec = _count_shape_and_spec(b, h, n_q, lambda b_, h_, i, j, *_: (b_, h_, i, 0, 0))
+    out_shape.append(count_shape)
+    out_specs.append(count_spec)
+  scratch = [pltpu.VMEM((bq, d), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32), pltpu.VMEM((bq, 1), jnp.float32)]
+  return _call(
+      functools.partial(_fwd_stream_kernel, cfg=cfg), cfg, grid=(b, h, n_q, n_k), in_specs=in_specs,
+      out_specs=out_specs, out_shape=out_shape, args=args, name="bytescale_flash_fwd", head_dim=d,
+      prefetch=(q_info, kv_info), scratch=scratch,
+  )
+
+
+def _dq_streaming(cfg, q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_info, kv_info, do, lse, delta):
+  from jax.experimental.pallas import tpu as pltpu
+
+  b, h, _, d, n_q, n_k, _ = _dims(cfg, q, k)
+  in_specs, args, q_spec, row_spec = _streaming_q_major(cfg, q, k, v, q_pos, q_seg, kv_pos, kv_seg)
+  (dq,) = _call(
+      functools.partial(_dq_stream_kernel, cfg=cfg), cfg, grid=(b, h, n_q, n_k),
+      in_specs=[*in_specs, q_spec, row_spec, row_spec], out_specs=[q_spec],
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)], args=(*args, do, lse, delta),
+      name="bytescale_flash_dq", head_dim=d, prefetch=(q_info, kv_info),
+      scratch=[pltpu.VMEM((cfg.block_q, d), jnp.float32)],
+  )
+  return dq
+
+
+def _dkv_streaming(cfg, q, k, v, q_pos, q_seg, kv_pos, kv_seg, q_info, kv_info, do, lse, delta):
+  # Grid (b, g, j, r, i): query head g*R + r, its q block i clamped into kv block j's band.
+  # Per-query vectors as 1xQ rows, per-key ones as Cx1 columns (see _dkv_step).
+  from jax.experimental.pallas import tpu as pltpu
+
+  b, _, g, d, n_q, n_k, rep = _dims(cfg, q, k)
+  bq, bk = cfg.block_q, cfg.block_k
+  kv_spec = pl.BlockSpec((None, None, bk, d), lambda b_, g_, j, r, i, *_: (b_, g_, j, 0))
+  kv_meta = pl.BlockSpec((None, bk, 1), lambda b_, g_, j, r, i, *_: (b_, j, 0))
+
+  def q_index(b_, g_, j, r, i, q_info_ref, kv_info_ref):  # (batch, query head, q block) of a grid step
+    del q_info_ref
+    return b_, g_ * rep + r, _band_clamp(kv_info_ref, b_, j, i)
+
+  def q_map(*grid_and_tables):
+    b_, h_, i = q_index(*grid_and_tables)
+    return b_, h_, i, 0
+
+  def row_map(*grid_and_tables):
+    b_, h_, i = q_index(*grid_and_tables)
+    return b_, h_, i, 0, 0
+
+  def q_meta_map(*grid_and_tables):
+    b_, _, i = q_index(*grid_and_tables)
+    return b_, i, 0, 0
+
+  # 1xQ rows blocked as ..x(nQ)x1xbq (lse/delta BxHxnQx1xbq): whole last two dims, as TPU needs under 128.
+  q_spec = pl.BlockSpec((None, None, bq, d), q_map)
+  row_spec = pl.BlockSpec((None, None, None, 1, bq), row_map)
+  q_meta = pl.BlockSpec((None, None, 1, bq), q_meta_map)
+  by_block = lambda x: x.reshape(*x.shape[:-2], n_q, 1, bq)  # ..xTx1 -> ..xnQx1xbq (free: trailing size 1)
+  return _call(
+      functools.partial(_dkv_stream_kernel, cfg=cfg), cfg, grid=(b, g, n_k, rep, n_q),
+      in_specs=[q_meta, q_meta, kv_meta, kv_meta, q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec],
+      out_specs=[kv_spec, kv_spec],
+      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+      args=(
+          by_block(q_pos[..., None]), by_block(q_seg[..., None]), kv_pos[..., None], kv_seg[..., None],
+          q, k, v, do, by_block(lse), by_block(delta),
+      ),
+      name="bytescale_flash_dkv", head_dim=d, prefetch=(q_info, kv_info),
+      scratch=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -499,13 +758,18 @@ _flash_core.defvjp(_flash_core_fwd, _flash_core_bwd)
 
 
 def _resolve_config(
-    q_shape, s, *, causal, window, scale, block_q, block_k, interpret, backend=None, count_visits=False
+    q_shape, s, *, causal, window, scale, block_q, block_k, interpret, backend=None, streaming=None,
+    count_visits=False,
 ):
   backend = _backend() if backend is None else resolve_backend(backend)
   if interpret is None:
     interpret = backend == "cpu"
   if not interpret and backend == "cpu":
     raise ValueError("Pallas kernels run on CPU only in interpret mode (interpret=True or None)")
+  if streaming is None:
+    streaming = _DEFAULT_STREAMING[backend]
+  if streaming and backend == "gpu":
+    raise ValueError("streaming=True needs scratch memory, which the GPU (Triton) kernels lack: use streaming=None")
   t, d = q_shape[1], q_shape[3]
   if window is not None and window > _BIG:
     window = _BIG  # wider than any representable distance: same mask, and no int32 overflow in the test
@@ -520,6 +784,7 @@ def _resolve_config(
       scale=float(d**-0.5 if scale is None else scale),
       backend=backend,
       interpret=bool(interpret),
+      streaming=bool(streaming),
       poison=_DEBUG.poison,
       count_visits=count_visits,
   )
@@ -565,6 +830,7 @@ def flash_attention(
     block_k: int | None = None,
     interpret: bool | None = None,
     backend: str | None = None,
+    streaming: bool | None = None,
 ):
   """Fused attention with the semantics of ``attention_reference``; differentiable (Pallas backward).
 
@@ -573,12 +839,13 @@ def flash_attention(
   blocks. Works under ``jax.jit``; inside ``shard_map`` use ``check_vma=False``. ``backend`` (``"cpu"``,
   ``"gpu"``/``"cuda"``/``"rocm"``, ``"tpu"``; None = local) selects the specs, compiler params and default
   blocks. A non-local one is for lowering (``jax.jit(...).trace(...).lower(lowering_platforms=...)``) or for
-  running that backend's configuration in interpret mode (``interpret=True``).
+  running that backend's configuration in interpret mode (``interpret=True``). ``streaming`` picks the kernel
+  variant (module docstring); None = the backend's default (TPU: streaming; GPU: resident, the only one there).
   """
   _check_shapes(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
   cfg = _resolve_config(
       q_BxTxHxK.shape, k_BxSxGxK.shape[1], causal=causal, window=window, scale=scale,
-      block_q=block_q, block_k=block_k, interpret=interpret, backend=backend,
+      block_q=block_q, block_k=block_k, interpret=interpret, backend=backend, streaming=streaming,
   )
   return _flash_jit(
       cfg, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, q_positions_BxT, kv_positions_BxS, q_segment_ids_BxT,
@@ -609,6 +876,7 @@ def block_visits(
     block_k: int | None = None,
     interpret: bool | None = None,
     backend: str | None = None,
+    streaming: bool | None = None,
 ):
   """Introspection for tests/benchmarks: ``(table BxnQxnK bool, visits BxHxnQ int32)``.
 
@@ -618,7 +886,8 @@ def block_visits(
   _check_shapes(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
   cfg = _resolve_config(
       q_BxTxHxK.shape, k_BxSxGxK.shape[1], causal=causal, window=window, scale=None,
-      block_q=block_q, block_k=block_k, interpret=interpret, backend=backend, count_visits=True,
+      block_q=block_q, block_k=block_k, interpret=interpret, backend=backend, streaming=streaming,
+      count_visits=True,
   )
   args, table = _prepare(
       cfg, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, q_positions_BxT, kv_positions_BxS, q_segment_ids_BxT,
