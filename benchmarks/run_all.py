@@ -57,7 +57,9 @@ def gather():
   for name, _, _, results in BENCHMARKS:
     path = os.path.join(HERE, results)
     if os.path.exists(path):
-      parts.append(f"<!-- from {results} -->\n" + open(path).read().strip())
+      # One level down: each file's title becomes a section of this file.
+      text = "\n".join("#" + line if line.startswith("#") else line for line in open(path).read().strip().splitlines())
+      parts.append(f"<!-- from {results} -->\n" + text)
   own = os.path.join(HERE, "RESULTS.md")
   head = open(own).read().split("<!-- gathered -->")[0].strip() if os.path.exists(own) else "# Benchmark results"
   stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
