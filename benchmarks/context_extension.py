@@ -32,12 +32,10 @@ from flax import nnx
 
 from bytescale import configs, rope_search
 from bytescale.configs import ByteLMConfig, TransformerConfig
-from bytescale.data.pipeline import ByteCorpus, DataConfig, frame_documents, split_stream, train_iterator
+from bytescale.data.pipeline import ByteCorpus, DataConfig, frame_documents, split_stream
 from bytescale.data.sources import load_documents
 from bytescale.ops import rope
 from bytescale.train.loop import train
-from bytescale.train.state import init_train_state, make_optimizer
-from bytescale.train.step import make_train_step
 
 DEFAULT_DATA = "/work/shared/data/tinyshakespeare.txt"
 METHODS = ("none", "pi", "ntk", "dynamic", "yarn", "longrope")
@@ -55,19 +53,15 @@ def log(message):
   print(message, file=sys.stderr, flush=True)
 
 
-def fine_tune(model, seq_len: int, corpus: ByteCorpus, *, steps: int, batch: int, lr: float, seed: int = 0):
-  """A few AdamW steps from ``model``'s parameters at ``seq_len`` (train() always starts from a fresh init)."""
+def fine_tune(model_config, init_from: str, seq_len: int, corpus: ByteCorpus, out_dir: str, *, steps: int, batch: int,
+              lr: float, seed: int = 0):
+  """A few AdamW steps at ``seq_len`` of ``model_config`` (e.g. another rope), warm-started from the parameters of
+  the run in ``init_from`` (fresh optimizer state, step 0, fresh data order). ``out_dir`` must be new."""
   tc = configs.TrainConfig(steps=steps, batch_size=batch, seq_len=seq_len, learning_rate=lr,
-                           warmup_steps=max(1, steps // 10), seed=seed)
-  optimizer = make_optimizer(tc)
-  graphdef, state = init_train_state(model, optimizer)
-  step = jax.jit(make_train_step(graphdef, optimizer))  # no donation: the arrays are shared with `model`
-  batches = train_iterator(corpus, DataConfig(source=corpus.name, seq_len=seq_len, batch_size=batch, seed=seed),
-                           process_index=0, process_count=1)
-  for _ in range(steps):
-    data = {k: v for k, v in next(batches).items() if k in ("inputs", "targets", "segment_ids", "loss_mask")}
-    state, _ = step(state, data)
-  return state.model(graphdef)
+                           warmup_steps=max(1, steps // 10), seed=seed, checkpoint_every=0, eval_batches=1,
+                           init_from=init_from)
+  data_config = DataConfig(source=corpus.name, seq_len=seq_len, batch_size=batch, seed=seed)
+  return train(model_config, tc, data_config, out_dir, corpus=corpus, progress=False).model
 
 
 def main():
@@ -99,7 +93,8 @@ def main():
   train_config = configs.TrainConfig(steps=s["train_steps"], batch_size=s["batch"], seq_len=length,
                                      learning_rate=s["lr"], checkpoint_every=0, log_every=50)
   tick = time.perf_counter()
-  result = train(model_config, train_config, data_config, os.path.join(work, "base"), corpus=corpus, progress=False)
+  base_dir = os.path.join(work, "base")
+  result = train(model_config, train_config, data_config, base_dir, corpus=corpus, progress=False)
   log(f"trained at L={length}: {json.dumps(result.summary)} ({time.perf_counter() - tick:.0f}s)")
   base_model = result.model
   base_rope = base_model.config.stack.rope
@@ -121,10 +116,14 @@ def main():
     log(f"s={factor}: LongRoPE search {found.result.evaluations} candidates, best {found.result.fitness:.4f} "
         f"(seeds {found.result.seed_fitness}) in {time.perf_counter() - tick:.0f}s")
     for method in METHODS:  # each contender scored on the same windows, one after the other
-      model = rope_search.rebuild_with_config(base_model, rope.replace_rope(base_model.config, method_configs[method]))
+      method_config = rope.replace_rope(base_model.config, method_configs[method])
+      model = rope_search.rebuild_with_config(base_model, method_config)
       score = rope_search.bits_per_byte_fn(model)
       before = {n: score(windows[n]) for n in eval_lengths}
-      tuned = fine_tune(model, target, corpus, steps=s["ft_steps"], batch=s["ft_batch"], lr=s["ft_lr"])
+      # A fresh run directory per fine-tune: one that already held checkpoints would resume instead.
+      ft_dir = tempfile.mkdtemp(prefix=f"ft_s{factor}_{method}_", dir=work)
+      tuned = fine_tune(method_config, base_dir, target, corpus, ft_dir, steps=s["ft_steps"], batch=s["ft_batch"],
+                        lr=s["ft_lr"])
       after = {n: score(windows[n], nnx.state(tuned)) for n in eval_lengths}  # same graph: no recompile
       rows.append((factor, method, before, after))
       log(f"s={factor} {method:9s} " + " ".join(f"{before[n]:.3f}/{after[n]:.3f}" for n in eval_lengths))
@@ -149,7 +148,7 @@ def write_results(args, s, rows, searches, eval_lengths, windows, rotary_dim, se
       f"{', '.join(f'{len(windows[n])} x {n}' for n in eval_lengths)} bytes; each window one sequence from "
       f"position 0",
       f"- fine-tune: {s['ft_steps']} AdamW steps x {s['ft_batch']} rows of sL bytes, peak lr {s['ft_lr']}, "
-      f"from the trained parameters",
+      f"from the trained parameters (`train(..., init_from=<base run>)`)",
       f"- LongRoPE: evolutionary search at length sL (population {s['population']}, {s['iterations']} iterations, "
       f"{s['mutations']} mutations + {s['crossovers']} crossovers each, n_hat searched) on "
       f"{s['search_windows']} windows from the first half of the held-out tail (not the scored windows)",

@@ -32,6 +32,10 @@ def _add_train(sub):
   p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-3)")
   p.add_argument("--out", default="runs/default", help="run directory: checkpoints, metrics.jsonl; reused to resume")
   p.add_argument("--seed", type=int, default=0, help="seed for parameters and data order")
+  p.add_argument("--init-from", default=None, metavar="DIR",
+                 help="warm start: begin a new run from the parameters of the run (or checkpoint) in DIR, with a "
+                 "fresh optimizer and step 0; the model may differ only in shape-preserving fields (e.g. --set "
+                 "rope_type=yarn ...); ignored when --out already holds checkpoints (then it resumes)")
   p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                  help="override a model-config field (dotted path or unique name, e.g. num_layers=4 or "
                  "stack.window=64); train-config fields work too (e.g. warmup_steps=10)")
@@ -145,7 +149,7 @@ def cmd_train(args):
   model_config = configs.get_preset(args.model, args.preset)
   train_config = configs.TrainConfig(seed=args.seed)
   updates = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
-             "learning_rate": args.lr, "max_seconds": args.seconds}
+             "learning_rate": args.lr, "max_seconds": args.seconds, "init_from": args.init_from}
   train_config = dataclasses.replace(train_config, **{k: v for k, v in updates.items() if v is not None})
   model_config, train_config = _apply_overrides(model_config, train_config, args.set)
   data_config = DataConfig(

@@ -109,6 +109,9 @@ class TrainConfig:
   checkpoint_every: int = 100
   keep_checkpoints: int = 3
   max_seconds: float | None = None
+  # Warm start: a run (or checkpoint) directory whose trained parameters start a NEW run (fresh optimizer, step 0,
+  # fresh data order); ignored when out_dir already holds checkpoints (then the run resumes).
+  init_from: str | None = None
 
   def __post_init__(self):
     name = "TrainConfig"
@@ -123,6 +126,8 @@ class TrainConfig:
     check(self.eval_every >= 0, name, "eval_every", "must be >= 0 (0 = only at the end)")
     check(self.checkpoint_every >= 0, name, "checkpoint_every", "must be >= 0 (0 = only at the end)")
     check(self.max_seconds is None or self.max_seconds > 0, name, "max_seconds", "must be None or > 0")
+    check(self.init_from is None or (isinstance(self.init_from, str) and self.init_from.strip() != ""), name,
+          "init_from", f"must be None or a run directory written by bytescale train, got {self.init_from!r}")
 
 
 # --- Presets ---------------------------------------------------------------------------------------------

@@ -4,6 +4,9 @@ Layout of ``<out>/checkpoints/<step>/``: ``state`` (parameters, optimizer state,
 iterator, so a resumed run sees exactly the batches an uninterrupted one would), ``meta`` (JSON configs, so
 ``eval``/``generate`` rebuild the model from the directory alone). Orbax writes into a temporary directory and
 renames it when complete, so a run killed mid-save never damages a checkpoint already on disk.
+
+:func:`load_params` reads the parameters alone (for ``TrainConfig.init_from`` warm starts), checked by shape
+against the new model first.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import os
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from bytescale import configs
 
@@ -107,6 +111,80 @@ def checkpoint_root(directory: str) -> str:
   directory = os.path.abspath(directory)
   sub = os.path.join(directory, "checkpoints")
   return sub if os.path.isdir(sub) else directory
+
+
+def latest_step(root: str) -> int | None:
+  """The newest complete checkpoint's step under ``root`` (a ``checkpoints/`` folder); None if none, creating
+  nothing."""
+  if not os.path.isdir(root):
+    return None
+  manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(create=False))
+  step = manager.latest_step()
+  manager.close()
+  return step
+
+
+def resolve_checkpoint(directory: str) -> tuple[str, int]:
+  """``(checkpoint root, step)`` for a run directory, its ``checkpoints/`` folder (latest step) or one step's
+  folder in it (``<out>/checkpoints/12``). Raises FileNotFoundError if there is no checkpoint there."""
+  directory = os.path.abspath(directory)
+  name, parent = os.path.basename(directory), os.path.dirname(directory)
+  if name.isdigit() and os.path.isdir(os.path.join(directory, "state")):
+    return parent, int(name)
+  root = checkpoint_root(directory)
+  step = latest_step(root)
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint found under {directory}")
+  return root, step
+
+
+def _param_name(path) -> str:
+  """``embed.table_VxD`` for a tree path (``nnx.Variable``'s own ``value`` attribute left out)."""
+  names = [str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path]
+  return ".".join(names[:-1] if names and names[-1] == "value" else names)
+
+
+def saved_param_shapes(root: str, step: int) -> dict[str, tuple[int, ...]]:
+  """Shape of every trained parameter in a checkpoint, by name, read from its metadata (no array is loaded)."""
+  metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(os.path.join(root, str(step), "state")))
+  tree = getattr(metadata, "tree", metadata)
+  return {_param_name(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree["params"])[0]}
+
+
+def check_params_match(saved: dict[str, tuple[int, ...]], params_like, source: str):
+  """Raises ``ConfigError`` naming the first parameter whose shape (or presence) differs between the checkpoint
+  and ``params_like``: only fields that leave every parameter's shape alone (rope, window, dropout, remat,
+  dtype, ...) may change between the saved model config and the warm-started one."""
+  target = {_param_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(params_like)[0]}
+  fix = "change only fields that keep parameter shapes (rope, window, max_seq_len, remat, dtype, ...)"
+  for name in sorted(set(target) | set(saved)):
+    if target.get(name) != saved.get(name):
+      here = "missing" if name not in target else f"shape {target[name]}"
+      there = "missing" if name not in saved else f"shape {saved[name]}"
+      raise configs.ConfigError(
+          f"TrainConfig.init_from: parameter {name} is {there} in the checkpoint {source} but {here} in this "
+          f"model config; {fix}, or drop init_from")
+
+
+def load_params(directory: str, params_like) -> tuple[object, dict]:
+  """The trained parameters of the checkpoint at ``directory`` (see :func:`resolve_checkpoint`), restored
+  straight into the structure and shardings of ``params_like`` (an abstract or concrete ``nnx.State`` of
+  parameters: leaves that are ``jax.ShapeDtypeStruct``s with shardings land sharded like them). Nothing else is
+  read: no optimizer state, step or data iterator. Returns ``(params, info)``, ``info = {"path", "step"}``.
+
+  Shapes are checked against the checkpoint's metadata first, so a mismatch is a ``ConfigError`` naming the
+  parameter rather than an orbax error.
+  """
+  root, step = resolve_checkpoint(directory)
+  check_params_match(saved_param_shapes(root, step), params_like, f"{root} (step {step})")
+  abstract = {"params": _abstract(params_like)}
+  manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(create=False))
+  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True,
+  )))
+  manager.close()
+  return restored["state"]["params"], {"path": root, "step": step}
 
 
 def load_model(directory: str, step: int | None = None):

@@ -10,6 +10,11 @@ Training always runs over a device mesh (``bytescale.parallel``): the train stat
 donates the old state, and each process loads only its rows of every global batch. With no ``mesh_config``
 the mesh is ``data=-1``: data parallel over every device (one device: the plain single-device run). A
 checkpoint restores onto whatever mesh the resumed run uses.
+
+``TrainConfig.init_from`` warm-starts a NEW run (fine-tuning, context extension): the parameters of another run's
+checkpoint replace the fresh init at step 0, with the fresh init's shardings; optimizer state, step and data order
+start fresh. The model config may differ from the saved one in anything that keeps parameter shapes (rope,
+window, ...). When ``out_dir`` already holds checkpoints the run resumes and ``init_from`` is ignored.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from tqdm.auto import tqdm
 from bytescale import configs, parallel
 from bytescale.data.pipeline import ByteCorpus, DataConfig, train_iterator
 from bytescale.models import build_model, model_name_for
-from bytescale.train.checkpoint import Checkpointer
+from bytescale.train.checkpoint import Checkpointer, latest_step, load_params, read_meta, resolve_checkpoint
 from bytescale.train.evaluate import evaluate_bpb
 from bytescale.train.metrics import JsonlWriter
 from bytescale.train.state import init_train_state, learning_rate_schedule, make_optimizer
@@ -57,6 +62,7 @@ class ShardedTraining:
   abstract_state: object  # ShapeDtypeStructs carrying the target shardings: restore onto this to reshard
   state_shardings: object
   init_state: object  # () -> TrainState, created sharded
+  init_state_with: object  # (params) -> TrainState at step 0 with these parameters and a fresh optimizer state
   train_step: object  # (state, global batch) -> (state, metrics); donates state
   eval_fn: object  # (params, frozen, numpy batch every process holds) -> (nll_sum, count)
   global_batch: int
@@ -68,6 +74,14 @@ class ShardedTraining:
   def data_slice(self) -> tuple[int, int]:
     """``(process_index, process_count)`` for ``train_iterator``: which rows this process loads."""
     return parallel.process_batch_slice(self.mesh, self.global_batch, self.rules)
+
+  def warm_start_state(self, directory: str):
+    """A step-0 train state whose parameters are those saved under ``directory`` (a run, its ``checkpoints/`` or
+    one step's folder), restored straight onto the shardings a fresh init has here; optimizer state is initialised
+    from them and every non-parameter variable (e.g. a frozen entropy model) comes from this model config.
+    Returns ``(state, {"path", "step"})``; a parameter whose shape differs raises ``ConfigError`` naming it."""
+    params, source = load_params(directory, self.abstract_state.params)
+    return self.init_state_with(params), source
 
 
 def sharded_training(model_config, train_config: configs.TrainConfig, mesh, rules: parallel.Rules = None, *,
@@ -87,6 +101,10 @@ def sharded_training(model_config, train_config: configs.TrainConfig, mesh, rule
     graphdef, state = init_train_state(build_model(model_config, seed=tc.seed), optimizer)
     graphdefs.append(graphdef)
     return state
+
+  def create_with(params):
+    # The fresh init's parameters and optimizer state are unused outputs here: XLA drops their computation.
+    return create().replace(params=params, opt_state=optimizer.init(params))
 
   with jax.set_mesh(mesh), parallel.axis_rules(rules):
     shapes = jax.eval_shape(create)
@@ -119,7 +137,10 @@ def sharded_training(model_config, train_config: configs.TrainConfig, mesh, rule
 
   return ShardedTraining(
       mesh=mesh, rules=rules, graphdef=graphdef, abstract_state=abstract_state, state_shardings=state_shardings,
-      init_state=jax.jit(in_context(create), out_shardings=state_shardings), train_step=train_step,
+      init_state=jax.jit(in_context(create), out_shardings=state_shardings),
+      init_state_with=jax.jit(in_context(create_with), in_shardings=(state_shardings.params,),
+                              out_shardings=state_shardings, donate_argnums=0),
+      train_step=train_step,
       eval_fn=eval_fn, global_batch=tc.batch_size,
   )
 
@@ -164,11 +185,17 @@ def train(
   model_name = model_name_for(model_config)
   mesh_config = mesh_config or parallel.MeshConfig()
   mesh = parallel.make_mesh(mesh_config)
+  lead = jax.process_index() == 0  # only the first process writes metrics and progress
+  init_from, resume_step = None, latest_step(os.path.join(out_dir, "checkpoints"))
+  if tc.init_from and resume_step:
+    if lead:
+      _log(f"init_from {tc.init_from} ignored: {out_dir} already holds checkpoints (step {resume_step}); resuming")
+  elif tc.init_from:
+    init_from = _check_init_from(tc.init_from)  # before loading data or compiling anything
   corpus = corpus or ByteCorpus.load(data_config)
   setup = sharded_training(model_config, tc, mesh, mesh_config.resolved_rules(), loss_fn=loss_fn)
   graphdef, train_step, eval_fn = setup.graphdef, setup.train_step, setup.eval_fn
   data_index, data_count = setup.data_slice()
-  lead = jax.process_index() == 0  # only the first process writes metrics and progress
   os.makedirs(out_dir, exist_ok=True)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
   iterator = train_iterator(corpus, data_config, process_index=data_index, process_count=data_count)
@@ -177,16 +204,21 @@ def train(
       "model_config": configs.to_dict(model_config),
       "train_config": configs.to_dict(tc),
       "data_config": dataclasses.asdict(data_config),
+      "init_from": None,  # {"path": checkpoint root, "step": step} the parameters were warm-started from
   }
   checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=tc.keep_checkpoints,
                               save_every=tc.checkpoint_every)
   start_step = checkpointer.latest_step() or 0
   if start_step:
-    _check_same_run(out_dir, meta)
+    meta["init_from"] = _check_same_run(out_dir, meta).get("init_from")  # a resumed run keeps its provenance
     # Restoring onto abstract arrays with this mesh's shardings reshards a checkpoint saved on any other mesh.
     state = checkpointer.restore(setup.abstract_state, data_iterator=iterator)
     if lead:
       _log(f"resuming {out_dir} from step {start_step}")
+  elif init_from:
+    state, meta["init_from"] = setup.warm_start_state(init_from)
+    if lead:
+      _log(f"warm start: parameters from {meta['init_from']['path']} step {meta['init_from']['step']}")
   else:
     state = setup.init_state()
 
@@ -248,7 +280,7 @@ def train(
       "val_bytes": val_count, "checkpoint": checkpointer.directory, "stopped_by": stopped_by,
       "final_loss": float(metrics["loss"]) if trained_steps else None,
       "mesh": ",".join(f"{name}={size}" for name, size in zip(mesh.axis_names, mesh.axis_sizes)),
-      "devices": mesh.size, "processes": jax.process_count(),
+      "devices": mesh.size, "processes": jax.process_count(), "init_from": meta["init_from"],
   }
   return TrainResult(state.model(graphdef), graphdef, state, summary, mesh)
 
@@ -266,15 +298,26 @@ def _agreed_stop(local_reason: str | None) -> str | None:
   return _STOP_REASONS[int(np.max(codes))]
 
 
-def _check_same_run(out_dir, meta):
-  from bytescale.train.checkpoint import read_meta
-
+def _check_same_run(out_dir, meta) -> dict:
+  """The saved run's meta, after checking it trained the same model as ``meta`` describes."""
   saved = read_meta(out_dir)
   for key in ("model", "model_config"):
     if saved.get(key) != meta[key]:
       raise configs.ConfigError(
           f"--out {out_dir}: holds a run with a different {key}; use a new --out directory to start a new run"
       )
+  return saved
+
+
+def _check_init_from(directory: str) -> str:
+  """``directory`` if it holds a checkpoint to warm-start from, else a ConfigError saying what to pass."""
+  fix = "pass a run directory written by bytescale train (or its checkpoints/ folder, or one step's folder in it)"
+  configs.check(os.path.exists(directory), "TrainConfig", "init_from", f"{directory} does not exist; {fix}")
+  try:
+    resolve_checkpoint(directory)
+  except FileNotFoundError:
+    raise configs.ConfigError(f"TrainConfig.init_from: no checkpoint under {directory}; {fix}") from None
+  return directory
 
 
 def _log(message: str):
