@@ -253,6 +253,38 @@ def test_overflow_keeps_every_byte_in_the_loss(compiled, rng):
   assert float(metrics["average_patch_size"]) == 4.0  # bytes per slot actually used
 
 
+def test_patch_local_attention_equals_dense_segment_masked_attention(rng):
+  """Encoder cross-attention without the (K * Q) x T score matrix equals dense attention under the segment mask
+  it replaces (query segment p + 1 where valid, key segment id + 1 for ids in [0, K)), values and gradients:
+  ids out of order, padding (-1), ids >= K (ignored), a valid patch with no bytes, a non-valid one with bytes."""
+  from bytescale.models.blt import patch_local_attention
+  from bytescale.ops.attention import attention_reference
+
+  b, t, k, nq, h, d = 2, 13, 5, 2, 3, 4
+  ids = jnp.asarray([[0, 0, 1, 1, 1, 3, 3, 0, -1, 5, 7, -1, 1],
+                     [4, 4, 4, 2, 2, 2, 2, 0, 0, 1, 1, 3, -1]], jnp.int32)
+  valid = jnp.asarray([[1, 1, 1, 1, 0], [1, 1, 1, 0, 1]], bool)  # row 0: patch 2 empty; row 1: patch 3 masked
+  q, keys, values, w = (jnp.asarray(rng.normal(size=shape), jnp.float32)
+                        for shape in ((b, k, nq, h, d), (b, t, h, d), (b, t, h, d), (b, k, nq, h, d)))
+
+  def dense(q, keys, values):
+    q_segments = jnp.repeat(jnp.where(valid, jnp.arange(1, k + 1), 0), nq, axis=1)
+    kv_segments = jnp.where((ids >= 0) & (ids < k), ids + 1, 0)
+    zeros = lambda n: jnp.zeros((b, n), jnp.int32)  # noqa: E731
+    out = attention_reference(q.reshape(b, k * nq, h, d), keys, values, q_positions_BxT=zeros(k * nq),
+                              kv_positions_BxS=zeros(t), q_segment_ids_BxT=q_segments, kv_segment_ids_BxS=kv_segments,
+                              causal=False)
+    return out.reshape(b, k, nq, h, d)
+
+  local = lambda q, keys, values: patch_local_attention(q, keys, values, ids, valid)  # noqa: E731
+  expected = dense(q, keys, values)
+  assert_close(local(q, keys, values), expected, atol=1e-5)
+  assert float(jnp.abs(expected[0, 2]).max()) == 0 and float(jnp.abs(expected[1, 3]).max()) == 0
+  grad = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2))(q, keys, values)  # noqa: E731
+  for actual, wanted in zip(grad(local), grad(dense)):
+    assert_close(actual, wanted, atol=1e-5)
+
+
 def test_config_errors(tmp_path):
   with pytest.raises(ConfigError, match="entropy_model"):
     BLT(configs.get_preset("blt", "tiny"), rngs=nnx.Rngs(0))

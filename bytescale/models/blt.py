@@ -211,6 +211,35 @@ def _pool_max(x_BxTxD, ids_BxT, num_segments: int):
   return jnp.where(jnp.isfinite(pooled), pooled, 0.0)
 
 
+def patch_local_attention(q_BxKxQxHxD, k_BxTxHxD, v_BxTxHxD, patch_ids_BxT, valid_BxK):
+  """Attention of patch ``p``'s queries to the bytes ``t`` with ``patch_ids[t] == p`` only, in ``O(T)``.
+
+  The same result as dense attention under the segment mask (query segment ``p + 1`` where ``valid``, key
+  segment ``patch_ids + 1`` for ids in ``[0, K)``), without the ``(K * Q) x T`` score matrix: each byte scores
+  against the ``Q`` queries of its own patch and the softmax is taken per patch with segment reductions.
+  Softmax in float32 (or wider); patches that are not valid or have no bytes give zeros.
+  """
+  b, k, nq, h, d = q_BxKxQxHxD.shape
+  t = patch_ids_BxT.shape[1]
+  acc_dtype = jnp.promote_types(q_BxKxQxHxD.dtype, jnp.float32)
+  member_BxT = (patch_ids_BxT >= 0) & (patch_ids_BxT < k)
+  own_BxT = jnp.where(member_BxT, patch_ids_BxT, 0)
+  scores_BxTxQxH = jnp.einsum("btqhd,bthd->btqh", _take_rows(q_BxKxQxHxD, own_BxT), k_BxTxHxD,
+                              preferred_element_type=acc_dtype) * d**-0.5
+  # One flat segment space: row b owns segments [b*(K+1), b*(K+1)+K]; the last one collects non-members.
+  flat_N = (jnp.where(member_BxT, patch_ids_BxT, k) + jnp.arange(b)[:, None] * (k + 1)).reshape(-1)
+  scores_NxQxH = scores_BxTxQxH.reshape(b * t, nq, h)
+  # The max only keeps exp() in range: its gradient cancels in the softmax, so none is taken through it.
+  patch_max = jax.ops.segment_max(jax.lax.stop_gradient(scores_NxQxH), flat_N, b * (k + 1))
+  weights_NxQxH = jnp.exp(scores_NxQxH - patch_max[flat_N])
+  denominator = jax.ops.segment_sum(weights_NxQxH, flat_N, b * (k + 1))  # >= 1 wherever a member byte is
+  probs_NxQxH = (weights_NxQxH / denominator[flat_N]).astype(v_BxTxHxD.dtype)
+  weighted_NxQxHxD = jnp.einsum("nqh,nhd->nqhd", probs_NxQxH, v_BxTxHxD.reshape(b * t, h, d),
+                                preferred_element_type=acc_dtype)
+  out = jax.ops.segment_sum(weighted_NxQxHxD, flat_N, b * (k + 1)).reshape(b, k + 1, nq, h, d)[:, :k]
+  return jnp.where(valid_BxK[:, :, None, None, None], out, 0.0).astype(q_BxKxQxHxD.dtype)
+
+
 _write_rows = jax.vmap(lambda buffer, new, start: jax.lax.dynamic_update_slice_in_dim(buffer, new, start, axis=0))
 
 
@@ -335,15 +364,15 @@ class BLT(nnx.Module):
 
   def encode_patches(self, encoder_states_BxTxD, patch_ids_BxT, valid_BxK):
     """Global-model inputs ``BxKxG`` of the patches ``0..K-1`` (bytes with other ids are ignored)."""
-    b, k = valid_BxK.shape
-    q = self.config.queries_per_patch
+    k = valid_BxK.shape[1]
     dtype = encoder_states_BxTxD.dtype
     pooled_BxKxE = _pool_max(encoder_states_BxTxD, patch_ids_BxT, k)
-    queries = jnp.einsum("bke,eqd->bkqd", pooled_BxKxE, self.query_init_ExQxE[...].astype(dtype))
-    queries = queries.reshape(b, k * q, -1)
-    q_segments = jnp.repeat(jnp.where(valid_BxK, jnp.arange(1, k + 1, dtype=jnp.int32), 0), q, axis=1)
-    kv_segments = jnp.where((patch_ids_BxT >= 0) & (patch_ids_BxT < k), patch_ids_BxT + 1, 0)
-    states = self.encoder_cross(queries, encoder_states_BxTxD, q_segments, kv_segments).reshape(b, k, q, -1)
+    queries_BxKxQxE = jnp.einsum("bke,eqd->bkqd", pooled_BxKxE, self.query_init_ExQxE[...].astype(dtype))
+    # Cross-attention of each patch's queries to its own bytes (O(T), not a dense (K * q) x T score matrix).
+    cross = self.encoder_cross
+    keys, values = cross.keys_values(encoder_states_BxTxD)
+    out = patch_local_attention(cross.queries(queries_BxKxQxE), keys, values, patch_ids_BxT, valid_BxK)
+    states = queries_BxKxQxE + cross.output(out).astype(dtype)
     return jnp.einsum("bkqe,qeg->bkg", states, self.global_in_QxExG[...].astype(dtype))
 
   def slot_keys_values(self, global_out_BxKxG):
@@ -540,10 +569,10 @@ def flops_per_byte(config: BLTConfig, seq_len: int, average_patch_size: float | 
 
   Conventions as in ``bytescale.flops`` (BLT paper eq. 13-17 in spirit: embeddings and the entropy model are
   free). The global model runs once per patch: ``1 / average_patch_size`` times per byte over a context of
-  ``seq_len / average_patch_size`` patches; encoder queries attend to the bytes of their own patch. With
-  ``attention="dense"`` (what the plain XLA path computes) every one of the ``max_patches`` slots is counted,
-  and encoder queries against all ``seq_len`` bytes. ``average_patch_size`` defaults to the stride for strided
-  patching and to 4.5 (the paper's) otherwise; pass the measured one.
+  ``seq_len / average_patch_size`` patches; encoder queries attend to the bytes of their own patch (in both
+  conventions: ``patch_local_attention`` computes only those pairs). With ``attention="dense"`` (what the plain
+  XLA path computes) every one of the ``max_patches`` slots is counted. ``average_patch_size`` defaults to the
+  stride for strided patching and to 4.5 (the paper's) otherwise; pass the measured one.
 
   ``include_entropy_model`` adds the entropy model's forward passes (entropy patching only) as separate
   ``entropy_model.*`` components, frozen (training factor 1); the default total excludes them, as the paper does.
@@ -561,15 +590,16 @@ def flops_per_byte(config: BLTConfig, seq_len: int, average_patch_size: float | 
   slots_per_byte = slots / seq_len if dense else 1.0 / p
   kw = dict(convention=convention, attention=attention)
   enc_width, dec_width = e.num_heads * e.head_dim, d.num_heads * d.head_dim
-  keys_per_query = seq_len if dense else p
-  per_slot_encoder = 2 * q * (e.d_model * e.d_model + 2 * e.d_model * enc_width + 2 * keys_per_query * enc_width
-                              + e.d_model * g.d_model)
+  per_slot_encoder = 2 * q * (e.d_model * e.d_model + 2 * e.d_model * enc_width + e.d_model * g.d_model)
+  # Each byte is a key of the q queries of its own patch: scores and weighted values, per byte.
+  encoder_cross_pairs = 2 * 2 * q * enc_width
   per_slot_decoder = 2 * q * (g.d_model * d.d_model + 2 * d.d_model * dec_width)
   count = flops.stack_flops(e, seq_len, prefix="encoder.", **kw)
   count += flops.stack_flops(g, slots, prefix="global.", **kw).scaled(slots_per_byte)
   count += flops.stack_flops(d, seq_len, prefix="decoder.", **kw)
   return count + flops.FlopCount({
-      "encoder.cross_attention": 2 * 2 * e.d_model * enc_width + per_slot_encoder * slots_per_byte,
+      "encoder.cross_attention": (2 * 2 * e.d_model * enc_width + encoder_cross_pairs
+                                  + per_slot_encoder * slots_per_byte),
       "decoder.cross_attention": (2 * (e.d_model * d.d_model + 2 * d.d_model * dec_width + 2 * q * dec_width)
                                   + per_slot_decoder * slots_per_byte),
       "unembed": 2.0 * d.d_model * vocab.VOCAB_SIZE,
