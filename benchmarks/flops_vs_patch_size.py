@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine  # noqa: E402
+from common import machine, write_section  # noqa: E402
 
 from bytescale import configs, entropy, flops  # noqa: E402
 from bytescale.configs import ByteLMConfig, TransformerConfig, _swiglu_hidden  # noqa: E402
@@ -274,8 +274,6 @@ def write(args, measured, rows, budget, matched, seconds):
     lines += ["", f"Patch 8 against patch 1 with the global model fixed: {at['8']['forward'] / base:.2f}x the FLOPs "
               f"per byte; against the byte transformer: {at['8']['forward'] / at['8']['bytelm']:.2f}x."]
   section = "\n".join(lines)
-  from common import write_section
-
   write_section(RESULTS, "FLOPs per byte against patch size", section)
   print(section)
 

@@ -113,14 +113,10 @@ def build_parser():
 def _apply_overrides(model_config, train_config, assignments):
   """``--set`` assignments; ``mtp_*`` ones (``mtp_heads=N``, ``mtp_variant``, ``mtp_loss_weights``, ...) put
   multi-token heads on whatever model was chosen (see ``bytescale.heads``), after the other fields are set."""
-  multi_token = {}
-  for assignment in assignments:
-    if "=" not in assignment:
-      raise configs.ConfigError(f"--set {assignment}: expected FIELD=VALUE")
-    key, value = assignment.split("=", 1)
-    if key.startswith("mtp_"):
-      multi_token[key] = value
-      continue
+  from bytescale import heads
+
+  model_assignments, multi_token = heads.split_overrides(assignments)
+  for key, value in model_assignments:
     try:
       model_config = configs.replace_path(model_config, key, value)
     except configs.ConfigError as model_error:
@@ -131,8 +127,6 @@ def _apply_overrides(model_config, train_config, assignments):
       except configs.ConfigError:
         raise model_error from None
   if multi_token:
-    from bytescale import heads
-
     model_config = heads.apply_overrides(model_config, multi_token)
   return model_config, train_config
 

@@ -278,12 +278,7 @@ def configured_count(model: str, preset: str, *, seq_len: int | None = None, pat
   from bytescale.models.blt import flops_per_byte as blt_flops
 
   config = configs.get_preset(model, preset)
-  multi_token, assignments = {}, []
-  for assignment in overrides:
-    if "=" not in assignment:
-      raise configs.ConfigError(f"--set {assignment}: expected FIELD=VALUE")
-    key, value = assignment.split("=", 1)
-    (multi_token.__setitem__(key, value) if key.startswith("mtp_") else assignments.append((key, value)))
+  assignments, multi_token = heads.split_overrides(overrides)
   if assignments:
     config = configs.replace_paths(config, assignments)
   average_patch_size = None

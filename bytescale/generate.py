@@ -114,9 +114,13 @@ def generate(model, prompts: list[bytes], max_new_bytes: int, *, sampling=Sampli
   graphdef, params = nnx.split(model)
   sampler = _cached_sampler(graphdef, max_new_bytes, sampling, ids.shape[1] + max_new_bytes)
   tokens = np.asarray(sampler(params, jnp.asarray(ids), jnp.asarray(lengths), jax.random.key(seed)))
+  return decode_rows(tokens, stop_at_eos=stop_at_eos)
+
+
+def decode_rows(tokens_BxN, *, stop_at_eos: bool) -> list[bytes]:
+  """Generated ids per row as bytes, cut at the first EOS if ``stop_at_eos``."""
   results = []
-  for row in tokens:
-    row = list(row)
+  for row in np.asarray(tokens_BxN).tolist():
     if stop_at_eos and vocab.EOS in row:
       row = row[: row.index(vocab.EOS)]
     results.append(vocab.decode(row))

@@ -146,6 +146,21 @@ def wrap(model_config, **fields) -> MultiTokenConfig:
 MTP_FIELDS = tuple(f.name for f in dataclasses.fields(MultiTokenConfig) if f.name.startswith("mtp_"))
 
 
+def split_overrides(assignments) -> tuple[list[tuple[str, str]], dict[str, str]]:
+  """``--set FIELD=VALUE`` strings -> ``([(field, value), ...] for the model or train config, {mtp_field: value})``;
+  the ``mtp_*`` ones go to :func:`apply_overrides`, after the others are set."""
+  others, multi_token = [], {}
+  for assignment in assignments:
+    if "=" not in assignment:
+      raise ConfigError(f"--set {assignment}: expected FIELD=VALUE")
+    key, value = assignment.split("=", 1)
+    if key.startswith("mtp_"):
+      multi_token[key] = value
+    else:
+      others.append((key, value))
+  return others, multi_token
+
+
 def apply_overrides(model_config, raw: dict[str, str]):
   """``--set mtp_heads=8 --set mtp_variant=sequential ...``: parses the ``mtp_*`` strings and wraps (or updates)
   ``model_config`` with all of them at once, so their order does not matter."""

@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from bytescale import vocab
-from bytescale.generate import NEVER_SAMPLED, frame_prompts
+from bytescale.generate import NEVER_SAMPLED, decode_rows, frame_prompts
 
 
 _ALLOWED_V = np.isin(np.arange(vocab.VOCAB_SIZE), NEVER_SAMPLED, invert=True)
@@ -150,12 +150,7 @@ def speculative_generate(model, prompts: list[bytes], max_new_bytes: int, *,
   tokens, forwards, steps = jax.block_until_ready(compiled(*args))
   seconds = time.perf_counter() - tick
   tokens = np.asarray(tokens)
-  texts = []
-  for row in tokens:
-    row = list(row)
-    if stop_at_eos and vocab.EOS in row:
-      row = row[: row.index(vocab.EOS)]
-    texts.append(vocab.decode(row))
+  texts = decode_rows(tokens, stop_at_eos=stop_at_eos)
   return SpeculativeResult(texts, tokens, np.asarray(forwards), int(steps), seconds, compile_seconds)
 
 
