@@ -22,7 +22,7 @@ train: $(STAMP)
 	  --steps 300 --out runs/make-train --sample-bytes 200 --prompt "def "
 
 test: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) -m pytest -q
+	JAX_PLATFORMS=cpu $(PY) -m pytest -q --durations=25
 
 test-slow: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q -m slow

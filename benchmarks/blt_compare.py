@@ -1,6 +1,6 @@
 """BLT (entropy / space / strided patches) against MegaByte and the byte-level baseline at equal training FLOPs.
 
-    python benchmarks/blt_compare.py [--quick] [--data /work/shared/data/tinyshakespeare.txt]
+    python benchmarks/blt_compare.py [--quick] [--data PATH]
 
 1. Trains the entropy model (``bytelm/entropy-tiny``; its FLOPs are excluded from the budget, as in the BLT
    paper) and picks the global threshold giving ``--patch-size`` bytes per patch on a training sample.
@@ -31,13 +31,15 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine  # noqa: E402
+from common import DEFAULT_CORPUS, machine  # noqa: E402
 
+from bytescale.models import registry  # noqa: E402
 from bytescale import configs, entropy, flops  # noqa: E402
 from bytescale.data.pipeline import ByteCorpus, DataConfig, eval_batches, train_iterator  # noqa: E402
 from bytescale.generate import SamplingConfig, frame_prompts, make_sampler  # noqa: E402
 from bytescale.models import MODELS, build_model  # noqa: E402
-from bytescale.models.blt import BLT, BLTConfig, load_entropy_model  # noqa: E402
+from bytescale.models.blt import BLT, BLTConfig  # noqa: E402
+from bytescale.train.checkpoint import load_entropy_model  # noqa: E402
 from bytescale.models.blt import flops_per_byte as blt_flops  # noqa: E402
 from bytescale.patching import PatchingConfig  # noqa: E402
 from bytescale.train.evaluate import evaluate_bpb  # noqa: E402
@@ -46,7 +48,6 @@ from bytescale.train.state import init_train_state, make_optimizer  # noqa: E402
 from bytescale.train.step import make_eval_step, make_train_step  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS_blt.md")
-SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "loss_mask")
 
 
@@ -54,7 +55,7 @@ def megabyte_flops(config, seq_len):
   """MegaByte's count when ``bytescale.flops`` has none registered: global stack over T/P patches once per
   patch, the per-position projection D_G x D_L per byte, local stack over P bytes, the unembedding."""
   try:
-    return flops.flops_per_byte(config, seq_len)
+    return registry.flops_per_byte(config, seq_len)
   except ValueError:
     pass
   p, g, l = config.patch_size, config.global_stack, config.local_stack
@@ -69,7 +70,7 @@ def training_flops(config, seq_len, patch_size=None):
     return blt_flops(config, seq_len, patch_size).training
   if type(config).__name__ == "MegaByteConfig":
     return megabyte_flops(config, seq_len).training
-  return flops.flops_per_byte(config, seq_len).training
+  return registry.flops_per_byte(config, seq_len).training
 
 
 def measured_patch_size(model: BLT, tokens, seq_len, batch_size, max_batches):
@@ -82,7 +83,7 @@ def measured_patch_size(model: BLT, tokens, seq_len, batch_size, max_batches):
       break
     p = patch(state, batch["inputs"], batch["segment_ids"])
     real += int((batch["segment_ids"] != 0).sum())
-    patches += int(p.valid_BxK.sum())
+    patches += int(p.valid_BxM.sum())
     overflow += int(p.overflow_bytes_B.sum())
   return real / max(patches, 1), overflow
 
@@ -148,7 +149,7 @@ def generation_rates(contenders, batch_size, new_bytes, rounds):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="tiny presets and few steps (CPU minutes)")
-  parser.add_argument("--data", default=SHAKESPEARE)
+  parser.add_argument("--data", default=DEFAULT_CORPUS)
   parser.add_argument("--max-bytes", type=int, default=None)
   parser.add_argument("--preset", default="tiny", help="preset of every contender (bytelm, blt, megabyte)")
   parser.add_argument("--steps", type=int, default=None, help="baseline (bytelm) steps; sets the FLOP budget")
@@ -177,7 +178,7 @@ def main():
 
   # 1. Entropy model and threshold.
   entropy_dir = os.path.join(workdir, "entropy")
-  ent = train(configs.get_preset("bytelm", "entropy-tiny"),
+  ent = train(registry.get_preset("bytelm", "entropy-tiny"),
               configs.TrainConfig(steps=entropy_steps, batch_size=batch_size, seq_len=seq_len, learning_rate=args.lr),
               data, entropy_dir, preset="entropy-tiny", corpus=corpus, progress=False)
   lm = load_entropy_model(entropy_dir)
@@ -186,9 +187,9 @@ def main():
   log(f"entropy model {ent.summary['val_bpb']:.3f} bpb; threshold {threshold:.4f} -> {calibrated:.2f} bytes/patch")
 
   # 2. Contenders and the FLOP budget.
-  blt = configs.get_preset("blt", args.preset)
+  blt = registry.get_preset("blt", args.preset)
   stride = int(round(args.patch_size))
-  configs_by_name = {"bytelm": configs.get_preset("bytelm", args.preset)}
+  configs_by_name = {"bytelm": registry.get_preset("bytelm", args.preset)}
   configs_by_name["blt-entropy"] = dataclasses.replace(
       blt, entropy_model=entropy_dir, patching=dataclasses.replace(blt.patching, threshold=threshold,
                                                                    max_patches_ratio=0.5))
@@ -197,7 +198,7 @@ def main():
       blt, patching=PatchingConfig("strided", stride=stride, max_patches_ratio=min(1.0, 1.25 / stride)))
   notes = []
   if "megabyte" in MODELS:
-    megabyte = configs.get_preset("megabyte", args.preset)
+    megabyte = registry.get_preset("megabyte", args.preset)
     configs_by_name["megabyte"] = configs.replace_path(megabyte, "patch_size", str(stride)) \
         if megabyte.patch_size != stride and megabyte.global_stack.d_model % stride == 0 else megabyte
   else:

@@ -7,11 +7,16 @@ import os
 import platform
 import time
 
-import jax
-import jax.numpy as jnp
+
+# The corpus the benchmarks default to: shared/data/tinyshakespeare.txt beside this checkout (never a copy in the
+# repo, never one machine's absolute path); every benchmark takes --data to use another file.
+DEFAULT_CORPUS = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
+                                               "tinyshakespeare.txt"))
 
 
 def machine() -> str:
+  import jax  # imported here: peer workers (PyTorch venvs without jax) import this module too
+
   device = jax.devices()[0]
   kind = getattr(device, "device_kind", device.platform)
   return (f"{platform.machine()} {os.cpu_count()} cores, {device.platform}:{kind} x{jax.device_count()}, "
@@ -31,8 +36,13 @@ def time_call(fn, *, repeats: int = 5, warmup: int = 1) -> float:
   return times[len(times) // 2]
 
 
-def measured_matmul_peak(dtype=jnp.float32, size: int | None = None) -> float:
-  """FLOP/s of a large square matmul on the default device, measured now (not a datasheet number)."""
+def measured_matmul_peak(dtype=None, size: int | None = None) -> float:
+  """FLOP/s of a large square matmul (float32 unless ``dtype``) on the default device, measured now (not a
+  datasheet number)."""
+  import jax
+  import jax.numpy as jnp
+
+  dtype = jnp.float32 if dtype is None else dtype
   size = size or (1024 if jax.default_backend() == "cpu" else 8192)
   a = jnp.ones((size, size), dtype)
   matmul = jax.jit(lambda x, y: x @ y)

@@ -31,13 +31,13 @@ import jax
 from flax import nnx
 
 from bytescale import configs, rope_search
+from common import DEFAULT_CORPUS  # noqa: E402
 from bytescale.configs import ByteLMConfig, TransformerConfig
 from bytescale.data.pipeline import ByteCorpus, DataConfig, frame_documents, split_stream
 from bytescale.data.sources import load_documents
 from bytescale.ops import rope
 from bytescale.train.loop import train
 
-DEFAULT_DATA = "/work/shared/data/tinyshakespeare.txt"
 METHODS = ("none", "pi", "ntk", "dynamic", "yarn", "longrope")
 def settings_for(quick: bool) -> dict:
   if quick:
@@ -67,8 +67,8 @@ def fine_tune(model_config, init_from: str, seq_len: int, corpus: ByteCorpus, ou
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="small model, short runs: a few minutes on a CPU")
-  parser.add_argument("--data", default=DEFAULT_DATA if os.path.exists(DEFAULT_DATA) else "stdlib",
-                      help=f"corpus (default {DEFAULT_DATA}, else stdlib)")
+  parser.add_argument("--data", default=DEFAULT_CORPUS if os.path.exists(DEFAULT_CORPUS) else "stdlib",
+                      help=f"corpus (default {DEFAULT_CORPUS}, else stdlib)")
   parser.add_argument("--max-data-bytes", type=int, default=2_000_000)
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS_rope.md"))
   parser.add_argument("--work", default=None, help="run directory (default: a temporary one)")
@@ -89,7 +89,7 @@ def main():
   # 1. The base model, trained at L.
   model_config = ByteLMConfig(stack=TransformerConfig(
       d_model=s["d_model"], num_layers=s["layers"], num_heads=s["heads"], num_kv_heads=s["heads"],
-      head_dim=s["head_dim"], mlp_hidden=configs._swiglu_hidden(s["d_model"])), max_seq_len=length)
+      head_dim=s["head_dim"], mlp_hidden=configs.swiglu_hidden(s["d_model"])), max_seq_len=length)
   train_config = configs.TrainConfig(steps=s["train_steps"], batch_size=s["batch"], seq_len=length,
                                      learning_rate=s["lr"], checkpoint_every=0, log_every=50)
   tick = time.perf_counter()

@@ -32,19 +32,21 @@ import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, write_section  # noqa: E402
+from common import DEFAULT_CORPUS, machine, write_section  # noqa: E402
 
+from bytescale.models import registry  # noqa: E402
 from bytescale import configs, entropy, flops  # noqa: E402
-from bytescale.configs import ByteLMConfig, TransformerConfig, _swiglu_hidden  # noqa: E402
+from bytescale.configs import ByteLMConfig, TransformerConfig, swiglu_hidden  # noqa: E402
 from bytescale.data.pipeline import ByteCorpus, DataConfig, eval_batches  # noqa: E402
-from bytescale.models.blt import BLTConfig, load_entropy_model  # noqa: E402
+from bytescale.models import blt  # noqa: E402
+from bytescale.models.blt import BLTConfig  # noqa: E402
+from bytescale.train.checkpoint import load_entropy_model  # noqa: E402
 from bytescale.models.blt import flops_per_byte as blt_flops  # noqa: E402
 from bytescale.patching import PatchingConfig  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "RESULTS_flops.md")
 PLOT = os.path.join(HERE, "flops_vs_patch_size.png")
-SHAKESPEARE = os.path.join(HERE, "..", "..", "shared", "data", "tinyshakespeare.txt")
 PATCH_SIZES = tuple(range(1, 17))
 
 
@@ -77,7 +79,7 @@ def group(count: flops.FlopCount) -> dict[str, float]:
 # --- 1. measured average patch sizes -------------------------------------------------------------------------
 
 def measure_patch_sizes(args, blt: BLTConfig) -> dict:
-  source = args.data or (SHAKESPEARE if os.path.exists(SHAKESPEARE) else "stdlib")
+  source = args.data or (DEFAULT_CORPUS if os.path.exists(DEFAULT_CORPUS) else "stdlib")
   data = DataConfig(source=source, seq_len=args.entropy_seq_len, batch_size=8,
                     max_bytes=200_000 if args.quick else None)
   corpus = ByteCorpus.load(data)
@@ -91,7 +93,7 @@ def measure_patch_sizes(args, blt: BLTConfig) -> dict:
     entropy_dir = tempfile.mkdtemp(prefix="flops_entropy_")
     steps = args.entropy_steps or (100 if args.quick else 400)
     log(f"training the entropy model (bytelm/entropy-tiny, {steps} steps) ...")
-    result = train(configs.get_preset("bytelm", "entropy-tiny"),
+    result = train(registry.get_preset("bytelm", "entropy-tiny"),
                    configs.TrainConfig(steps=steps, batch_size=8, seq_len=args.entropy_seq_len),
                    data, entropy_dir, preset="entropy-tiny", corpus=corpus, progress=False)
     out["entropy_model"] = f"bytelm/entropy-tiny trained {steps} steps here ({result.summary['val_bpb']:.3f} val bpb)"
@@ -134,7 +136,7 @@ def measure_patch_sizes(args, blt: BLTConfig) -> dict:
 
 def fixed_global_rows(blt: BLTConfig, megabyte, seq_len: int, patch_sizes) -> list[dict]:
   bytelm = ByteLMConfig(stack=blt.global_stack, max_seq_len=seq_len)
-  bytelm_forward = flops.flops_per_byte(bytelm, seq_len).forward
+  bytelm_forward = registry.flops_per_byte(bytelm, seq_len).forward
   rows = []
   for label, p in patch_sizes:
     count = blt_flops(blt, seq_len, p)
@@ -143,7 +145,7 @@ def fixed_global_rows(blt: BLTConfig, megabyte, seq_len: int, patch_sizes) -> li
            "spacebyte": spacebyte.forward, **group(count), "bytelm": bytelm_forward, "megabyte": math.nan}
     if float(p).is_integer() and megabyte.global_stack.d_model % int(p) == 0:
       mb = dataclasses.replace(megabyte, patch_size=int(p), cross_patch_r=0)
-      row["megabyte"] = flops.flops_per_byte(mb, seq_len).forward
+      row["megabyte"] = registry.flops_per_byte(mb, seq_len).forward
     rows.append(row)
   return rows
 
@@ -155,7 +157,7 @@ def widened(stack: TransformerConfig, heads: int) -> TransformerConfig:
   while heads % kv:
     kv -= 1
   d = heads * stack.head_dim
-  return dataclasses.replace(stack, d_model=d, num_heads=heads, num_kv_heads=kv, mlp_hidden=_swiglu_hidden(d))
+  return dataclasses.replace(stack, d_model=d, num_heads=heads, num_kv_heads=kv, mlp_hidden=swiglu_hidden(d))
 
 
 def flop_matched_rows(blt: BLTConfig, seq_len: int, budget_p: float, patch_sizes) -> tuple[float, list[dict]]:
@@ -265,7 +267,7 @@ def write(args, measured, rows, budget, matched, seconds):
       continue
     lines.append(f"| {r['p']:g} | {r['d_model']} | {r['heads']} | {r['layers']} | {r['params'] / 1e6:,.0f}M | "
                  f"{r['forward'] / 1e9:.3f} | {100 * r['forward'] / r['budget']:.1f}% |")
-  entropy_lm = flops.entropy_model_flops(configs.get_preset("bytelm", "entropy-100m"), args.seq_len)
+  entropy_lm = blt.entropy_model_flops(registry.get_preset("bytelm", "entropy-100m"), args.seq_len)
   lines += ["", f"Not in the table (as in the paper): the paper-size entropy model (`bytelm/entropy-100m`, frozen) "
             f"adds {entropy_lm.forward / 1e9:.3f} GFLOPs per byte to inference and to training (forward only) "
             f"at every patch size."]
@@ -294,8 +296,8 @@ def main():
   parser.add_argument("--plot", default=PLOT)
   args = parser.parse_args()
   started = time.perf_counter()
-  blt = configs.get_preset("blt", args.blt_preset)
-  megabyte = configs.get_preset("megabyte", args.megabyte_preset)
+  blt = registry.get_preset("blt", args.blt_preset)
+  megabyte = registry.get_preset("megabyte", args.megabyte_preset)
   measured = measure_patch_sizes(args, blt)
   sizes = [(str(p), float(p)) for p in PATCH_SIZES]
   for name, label in (("entropy", "entropy, preset threshold"), ("entropy_calibrated", "entropy, calibrated"),

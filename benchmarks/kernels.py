@@ -39,6 +39,7 @@ import numpy as np  # noqa: E402
 
 from bytescale.kernels import cudnn_attention, flash_attention  # noqa: E402
 from bytescale.ops.attention import attention_reference  # noqa: E402
+from bytescale.ops.mask import AttentionMask  # noqa: E402
 from bytescale.ops.pooling import segment_pool  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS_kernels.md")
@@ -88,10 +89,10 @@ def attention_impls(backend: str, window: int | None):
   """name -> f(q, k, v, pos) with bytescale semantics (causal, optional window)."""
 
   def pallas(q, k, v, pos):
-    return flash_attention.flash_attention(q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos, window=window)
+    return flash_attention.flash_attention(q, k, v, AttentionMask.self_attention(pos, window=window))
 
   def cudnn(q, k, v, pos):
-    return cudnn_attention.cudnn_attention(q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos, window=window)
+    return cudnn_attention.cudnn_attention(q, k, v, AttentionMask.self_attention(pos, window=window))
 
   def jax_nn(q, k, v, pos):
     del pos
@@ -99,7 +100,7 @@ def attention_impls(backend: str, window: int | None):
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local, implementation="xla")
 
   def reference(q, k, v, pos):
-    return attention_reference(q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos, window=window)
+    return attention_reference(q, k, v, AttentionMask.self_attention(pos, window=window))
 
   impls = {"pallas": pallas, "jax.nn xla": jax_nn, "reference": reference}
   if backend == "gpu" and cudnn_attention.cudnn_available():

@@ -27,6 +27,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bytescale.configs import ByteLMConfig, TrainConfig, TransformerConfig  # noqa: E402
+from common import DEFAULT_CORPUS  # noqa: E402
 from bytescale.data.pipeline import ByteCorpus, DataConfig, train_iterator  # noqa: E402
 from bytescale.models import build_model  # noqa: E402
 from bytescale.models.megabyte import MegaByteConfig  # noqa: E402
@@ -182,7 +183,8 @@ def write_results(args, rows, command: str):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="short budgets (a few minutes in all)")
-  parser.add_argument("--data", default="/work/shared/data/tinyshakespeare.txt", help="corpus file")
+  parser.add_argument("--data", default=DEFAULT_CORPUS,
+                      help="corpus file (default: shared/data/tinyshakespeare.txt beside the checkout)")
   parser.add_argument("--max-bytes", type=int, default=None, help="read at most this many corpus bytes")
   parser.add_argument("--seq-lens", default="1024,4096,8192")
   parser.add_argument("--bytes-per-step", type=int, default=8192)

@@ -36,6 +36,8 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import DEFAULT_CORPUS  # noqa: E402  (no jax: peer workers import it too)
 RESULTS = os.path.join(HERE, "RESULTS_megabyte.md")
 DEFAULT_PEER_PYTHON = "/tmp/bytescale-peer-venv/bin/python"
 DIMS, DEPTHS, HEADS, DIM_HEAD, PATCH, PATCHES, BATCH = (512, 256), (6, 4), 8, 64, 8, 128, 4
@@ -324,7 +326,8 @@ def write_results(section: str):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="fewer rounds; the peer generates 64 bytes")
-  parser.add_argument("--data", default="/work/shared/data/tinyshakespeare.txt", help="corpus file")
+  parser.add_argument("--data", default=DEFAULT_CORPUS,
+                      help="corpus file (default: shared/data/tinyshakespeare.txt beside the checkout)")
   parser.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON, help="python of the peer's venv")
   parser.add_argument("--rounds", type=int, default=None)
   parser.add_argument("--steps-per-round", type=int, default=None)

@@ -35,10 +35,12 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks.common import machine, write_section  # noqa: E402
+from bytescale.models.registry import build_model  # noqa: E402
+from bytescale.models import registry  # noqa: E402
 from bytescale import configs, vocab  # noqa: E402
 from bytescale.configs import ByteLMConfig, TransformerConfig  # noqa: E402
 from bytescale.data.pipeline import ByteCorpus, DataConfig  # noqa: E402
-from bytescale.heads import MultiTokenConfig, MultiTokenLM, multi_token_loss  # noqa: E402
+from bytescale.models.mtp import MultiTokenConfig, multi_token_loss  # noqa: E402
 from bytescale.speculative import greedy_tokens, speculative_generate  # noqa: E402
 from bytescale.train.loop import train  # noqa: E402
 from bytescale.train.metrics import read_jsonl  # noqa: E402
@@ -72,7 +74,7 @@ def log(message):
 # --- 1. Memory ------------------------------------------------------------------------------------------------
 
 def temp_mib(config, batch):
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: MultiTokenLM(config, rngs=nnx.Rngs(0))), nnx.Param)
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(config, seed=0)), nnx.Param)
 
   def step_memory(efficient):
     grad = jax.grad(lambda p, b: multi_token_loss(nnx.merge(graphdef, p), b, memory_efficient=efficient)[0])
@@ -149,7 +151,7 @@ def train_section(args, corpus, data):
   models = [(f"ByteLM n={n} (trunk {layers - n} + {n} heads)",
              MultiTokenConfig(trunk=bytelm(d, layers, seq), mtp_heads=n, mtp_parameter_matched=True))
             for n in (1, 4, 8)]
-  megabyte = configs.get_preset("megabyte", "tiny")
+  megabyte = registry.get_preset("megabyte", "tiny")
   megabyte = dataclasses.replace(megabyte, max_seq_len=seq)
   mb_heads = (1, 4) if args.quick else (1, 4, 8)
   models += [(f"MegaByte n={n} (local {megabyte.local_stack.num_layers} + {n} heads, P={megabyte.patch_size})",

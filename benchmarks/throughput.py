@@ -20,8 +20,9 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine, measured_matmul_peak, write_section  # noqa: E402
+from common import DEFAULT_CORPUS, machine, measured_matmul_peak, write_section  # noqa: E402
 
+from bytescale.models import registry  # noqa: E402
 from bytescale import configs  # noqa: E402
 from bytescale.configs import TrainConfig  # noqa: E402
 from bytescale import patching  # noqa: E402
@@ -35,7 +36,6 @@ from bytescale.train.step import make_train_step  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "RESULTS_throughput.md")
-SHAKESPEARE = os.path.join(HERE, "..", "..", "shared", "data", "tinyshakespeare.txt")
 
 
 def text_batch(source, batch_size, seq_len):
@@ -47,7 +47,7 @@ def text_batch(source, batch_size, seq_len):
 
 def average_space_patch(batch) -> float:
   patches = patching.space(batch["inputs"], batch["segment_ids"])
-  return float(np.sum(batch["segment_ids"] != 0) / np.sum(np.asarray(patches.valid_BxK)))
+  return float(np.sum(batch["segment_ids"] != 0) / np.sum(np.asarray(patches.valid_BxM)))
 
 
 def train_rate(config, batch, steps):
@@ -88,7 +88,7 @@ def main():
   presets = (args.presets or ("tiny" if args.quick else "tiny,small")).split(",")
   seq_len = args.seq_len or (256 if args.quick else 1024)
   steps = args.steps or (5 if args.quick else 20)
-  source = args.data or (SHAKESPEARE if os.path.exists(SHAKESPEARE) else "stdlib")
+  source = args.data or (DEFAULT_CORPUS if os.path.exists(DEFAULT_CORPUS) else "stdlib")
   batch = text_batch(source, args.batch_size, seq_len)
   peak_size, peak_dtype = (1024, "float32") if jax.default_backend() == "cpu" else (8192, "bfloat16")
   rows = []
@@ -97,7 +97,7 @@ def main():
       print(f"skipping {model_name}: not available in this build", file=sys.stderr)
       continue
     for preset in presets:
-      config = configs.get_preset(model_name, preset)
+      config = registry.get_preset(model_name, preset)
       if model_name == "blt":  # entropy patching needs a trained entropy model; time the space patcher instead
         config = configs.replace_path(config, "patcher", "space")
       print(f"{model_name}/{preset} ...", file=sys.stderr)

@@ -7,7 +7,6 @@ Progress goes to stderr; each command ends with ONE JSON line on stdout (``gener
 from __future__ import annotations
 
 import argparse
-import importlib
 import dataclasses
 import json
 import os
@@ -65,10 +64,10 @@ def _add_eval(sub):
   p.add_argument("--ckpt", required=True, help="run directory (or its checkpoints/ folder)")
   p.add_argument("--data", required=True,
                  help="file, directory, glob, 'stdlib' or tfds:NAME:FEATURE (every byte is scored)")
-  p.add_argument("--tfds-data-dir", default=None)
+  p.add_argument("--tfds-data-dir", default=None, help="data_dir for tfds: sources")
   p.add_argument("--max-bytes", type=int, default=None, help="score at most this many bytes")
   p.add_argument("--seq-len", type=int, default=None, help="row length (default: the training seq_len)")
-  p.add_argument("--batch-size", type=int, default=8)
+  p.add_argument("--batch-size", type=int, default=8, help="rows per evaluation batch (default 8)")
 
 
 def _add_generate(sub):
@@ -77,9 +76,10 @@ def _add_generate(sub):
   p.add_argument("--prompt", default="", help="text the sample continues")
   p.add_argument("--max-bytes", type=int, default=256, help="bytes to generate")
   p.add_argument("--temperature", type=float, default=None, help="0 = greedy (default 1.0; 0 with --speculative)")
-  p.add_argument("--top-k", type=int, default=None)
-  p.add_argument("--top-p", type=float, default=None)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest bytes only")
+  p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of likeliest bytes "
+                 "whose probabilities sum to at least p")
+  p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
   p.add_argument("--json", action="store_true", help="print one JSON line instead of the raw text")
   p.add_argument("--speculative", action="store_true",
                  help="greedy self-speculative decoding with the checkpoint's multi-token heads (trained with --set "
@@ -88,8 +88,6 @@ def _add_generate(sub):
                  help="with --speculative: also run plain greedy decoding, check the bytes agree, report the speedup")
 
 
-# Modules that add their own subcommands: each defines ``add_command(subparsers) -> (name, handler)``.
-PLUGIN_COMMANDS = ("bytescale.rope_search", "bytescale.flops")
 
 
 def build_parser():
@@ -98,49 +96,55 @@ def build_parser():
   _add_train(sub)
   _add_eval(sub)
   _add_generate(sub)
-  for module_name in PLUGIN_COMMANDS:
-    try:
-      module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-      if error.name != module_name:
-        raise
-      continue
+  # The other subcommands (bytescale/commands/): each module defines add_command(subparsers) -> (name, handler).
+  from bytescale.commands import entropy_threshold, flops, rope_search
+
+  for module in (flops, rope_search, entropy_threshold):
     name, handler = module.add_command(sub)
     COMMANDS[name] = handler
   return parser
 
 
 def _apply_overrides(model_config, train_config, assignments):
-  """``--set`` assignments; ``mtp_*`` ones (``mtp_heads=N``, ``mtp_variant``, ``mtp_loss_weights``, ...) put
-  multi-token heads on whatever model was chosen (see ``bytescale.heads``), after the other fields are set."""
-  from bytescale import heads
+  """``--set`` assignments, each to the model config or else the train config, applied together per config (fields
+  valid only together, e.g. ``rope_type=yarn`` and its ``factor``, may come in any order); ``mtp_*`` ones
+  (``mtp_heads=N``, ``mtp_variant``, ...) then put multi-token heads on the model (``bytescale.models.mtp``)."""
+  from bytescale.models import mtp
 
-  model_assignments, multi_token = heads.split_overrides(assignments)
-  for key, value in model_assignments:
+  assignments, multi_token = mtp.split_overrides(assignments)
+  model_assignments, train_assignments = [], []
+  for key, value in assignments:
     try:
-      model_config = configs.replace_path(model_config, key, value)
+      configs.resolve_path(model_config, key)
+      model_assignments.append((key, value))
     except configs.ConfigError as model_error:
       if "is not a field" not in str(model_error):
         raise
       try:
-        train_config = configs.replace_path(train_config, key, value)
+        configs.resolve_path(train_config, key)
       except configs.ConfigError:
         raise model_error from None
+      train_assignments.append((key, value))
+  if model_assignments:
+    model_config = configs.replace_paths(model_config, model_assignments)
+  if train_assignments:
+    train_config = configs.replace_paths(train_config, train_assignments)
   if multi_token:
-    model_config = heads.apply_overrides(model_config, multi_token)
+    model_config = mtp.apply_overrides(model_config, multi_token)
   return model_config, train_config
 
 
 def cmd_train(args):
   from bytescale import parallel
   from bytescale.data.pipeline import DataConfig
+  from bytescale.models import registry
   from bytescale.train.loop import train
 
   mesh_config = parallel.MeshConfig.parse(args.mesh or "data=-1", axis_types=args.mesh_axis_types, rules=args.mesh_rule)
   # Before anything touches devices: every process then sees the global device list.
   parallel.initialize_distributed(coordinator=args.coordinator, num_processes=args.num_processes,
                                   process_id=args.process_id, auto=args.distributed)
-  model_config = configs.get_preset(args.model, args.preset)
+  model_config = registry.get_preset(args.model, args.preset)
   train_config = configs.TrainConfig(seed=args.seed)
   updates = {"steps": args.steps, "batch_size": args.batch_size, "seq_len": args.seq_len,
              "learning_rate": args.lr, "max_seconds": args.seconds, "init_from": args.init_from}
@@ -184,7 +188,6 @@ def cmd_eval(args):
 
 
 def cmd_generate(args):
-  from bytescale import heads  # noqa: F401  (registers the multi-token wrapper, so its checkpoints load)
   from bytescale.generate import SamplingConfig, generate
   from bytescale.train.checkpoint import load_model
 

@@ -13,9 +13,10 @@ import json
 import typing
 from typing import Any
 
-from bytescale.ops.rope import RopeConfig
+from bytescale.ops.attention import ATTENTION_IMPLS
+from bytescale.ops.rope import RopeConfig, rope_config_from_scaling
 
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+REMAT_POLICY_NAMES = ("none", "full", "dots", "dots_no_batch")  # what each does: nn.transformer.REMAT_POLICIES
 DTYPES = ("float32", "bfloat16")
 
 
@@ -58,10 +59,8 @@ class TransformerConfig:
     check(self.head_dim % 2 == 0, name, "head_dim", f"must be even for RoPE, got {self.head_dim}")
     check(self.window is None or self.window > 0, name, "window", f"must be None or > 0, got {self.window}")
     check(self.norm_eps > 0, name, "norm_eps", f"must be > 0, got {self.norm_eps}")
-    check(self.remat in REMAT_POLICIES, name, "remat", f"must be one of {REMAT_POLICIES}, got {self.remat!r}")
+    check(self.remat in REMAT_POLICY_NAMES, name, "remat", f"must be one of {REMAT_POLICY_NAMES}, got {self.remat!r}")
     check(self.dtype in DTYPES, name, "dtype", f"must be one of {DTYPES}, got {self.dtype!r}")
-    from bytescale.ops.attention import ATTENTION_IMPLS
-
     check(
         self.attention_impl in ATTENTION_IMPLS, name, "attention_impl",
         f"must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}",
@@ -130,52 +129,9 @@ class TrainConfig:
           "init_from", f"must be None or a run directory written by bytescale train, got {self.init_from!r}")
 
 
-# --- Presets ---------------------------------------------------------------------------------------------
-
-def _bytelm(d, layers, heads, kv_heads, seq, window=None, rope_theta=10000.0, mlp=None):
-  head_dim = d // heads
-  return ByteLMConfig(
-      stack=TransformerConfig(
-          d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-          mlp_hidden=mlp or _swiglu_hidden(d), window=window, rope=RopeConfig(rope_theta=rope_theta),
-      ),
-      max_seq_len=seq,
-  )
-
-
-def _swiglu_hidden(d: int, multiple: int = 32) -> int:
+def swiglu_hidden(d: int, multiple: int = 32) -> int:
   """About 8d/3 (parameter-matched to a 4d GELU MLP), rounded up to a multiple for efficient matmuls."""
   return -(-(8 * d // 3) // multiple) * multiple
-
-
-PRESETS: dict[str, dict[str, Any]] = {
-    "bytelm": {
-        "tiny": _bytelm(64, 2, 4, 2, 128),
-        "small": _bytelm(256, 6, 8, 4, 512),
-        "entropy-tiny": _bytelm(64, 2, 4, 4, 256, window=64),
-        # BLT's entropy model: 14 layers, d 768, sliding window 512, context 8192.
-        "entropy-100m": _bytelm(768, 14, 12, 12, 8192, window=512, rope_theta=500000.0),
-        # MegaByte paper's byte-level baseline (about 320M parameters, context 8192).
-        "paper-320m": _bytelm(1024, 24, 16, 16, 8192),
-    },
-}
-
-
-def register_presets(model: str, presets: dict[str, Any]):
-  PRESETS.setdefault(model, {}).update(presets)
-
-
-def get_preset(model: str, preset: str):
-  _ensure_models_registered()
-  if model not in PRESETS:
-    raise ConfigError(f"--model: unknown model {model!r}; choose one of {sorted(PRESETS)}")
-  if preset not in PRESETS[model]:
-    raise ConfigError(f"--preset: model {model!r} has no preset {preset!r}; choose one of {sorted(PRESETS[model])}")
-  return PRESETS[model][preset]
-
-
-def _ensure_models_registered():
-  import bytescale.models  # noqa: F401  (registers every model's presets)
 
 
 # --- Dotted-path updates and (de)serialisation -------------------------------------------------------------
@@ -232,11 +188,9 @@ def _apply_updates(config, prefix, updates):
     where = f"{type(config).__name__}.{name}"
     current = getattr(config, name)
     if isinstance(raw_value, str) and isinstance(current, RopeConfig):
-      from bytescale.ops.rope import rope_config_from_scaling  # a rope_scaling JSON block or file
-
       changes[name] = rope_config_from_scaling(raw_value, base=current)
     elif isinstance(raw_value, str):
-      changes[name] = _parse(raw_value, hints[name], where)
+      changes[name] = parse_value(raw_value, hints[name], where)
     else:
       changes[name] = raw_value
     if name in nested:
@@ -257,7 +211,7 @@ def _get(config, path):
   return config
 
 
-def _parse(raw: str, annotation, where: str):
+def parse_value(raw: str, annotation, where: str):
   if raw.lower() in ("none", "null") and type(None) in typing.get_args(annotation):
     return None
   candidates = [a for a in (typing.get_args(annotation) or (annotation,)) if a is not type(None)]
@@ -289,29 +243,24 @@ def _jsonable(value):
   return list(value) if isinstance(value, tuple) else value
 
 
-CONFIG_TYPES: dict[str, type] = {}
+# The config types defined here; ``bytescale.models.registry.CONFIG_TYPES`` adds every model's.
+BASE_CONFIG_TYPES: dict[str, type] = {cls.__name__: cls for cls in (TransformerConfig, ByteLMConfig, TrainConfig,
+                                                                     RopeConfig)}
 
 
-def register_config_type(cls):
-  CONFIG_TYPES[cls.__name__] = cls
-  return cls
-
-
-for _cls in (TransformerConfig, ByteLMConfig, TrainConfig, RopeConfig):
-  register_config_type(_cls)
-
-
-def from_dict(data: dict):
-  _ensure_models_registered()
+def from_dict(data: dict, types: dict[str, type] | None = None):
+  """Rebuilds a config written by :func:`to_dict`; ``types`` maps the ``"__type__"`` names to classes (default:
+  the ones defined here; ``bytescale.models.registry.config_from_dict`` passes every model's)."""
+  types = BASE_CONFIG_TYPES if types is None else types
   data = dict(data)
-  cls = CONFIG_TYPES[data.pop("__type__")]
-  hints = typing.get_type_hints(cls)
+  name = data.pop("__type__")
+  if name not in types:
+    raise ConfigError(f"{name}: not a known config type; known: {sorted(types)}")
   kwargs = {}
   for key, value in data.items():
     if isinstance(value, dict) and "__type__" in value:
-      value = from_dict(value)
+      value = from_dict(value, types)
     elif isinstance(value, list):
       value = tuple(value)
     kwargs[key] = value
-  del hints
-  return cls(**kwargs)
+  return types[name](**kwargs)

@@ -10,18 +10,15 @@ advance by ``context - overlap``; every byte takes its entropy from the window i
 ``overlap`` bytes of left context (or its whole document so far), so there is no hard context reset (the
 reference resets every 8192 bytes). Attention never crosses documents: the model sees the segment ids.
 
-    python -m bytescale.entropy --entropy-model DIR --data FILE --target-patch-size 4
+    bytescale entropy-threshold --entropy-model DIR --data FILE --target-patch-size 4
 
 prints the global threshold giving an average patch size of 4 on a sample of FILE.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -94,7 +91,7 @@ def average_patch_size(config: PatchingConfig, entropies_BxT, segment_ids_BxT, i
   """Bytes per patch over the real bytes of the sample under ``config`` (no overflow: max_patches = T)."""
   ids = jnp.zeros(entropies_BxT.shape, jnp.int32) if ids_BxT is None else ids_BxT
   p = patching.patch(config, ids, segment_ids_BxT, entropies_BxT=entropies_BxT, max_patches=entropies_BxT.shape[1])
-  return float(jnp.sum(segment_ids_BxT != 0) / jnp.maximum(jnp.sum(p.valid_BxK), 1))
+  return float(jnp.sum(segment_ids_BxT != 0) / jnp.maximum(jnp.sum(p.valid_BxM), 1))
 
 
 def threshold_for_patch_size(
@@ -151,37 +148,3 @@ def sample_entropies(model, tokens: np.ndarray, *, seq_len: int = 512, max_rows:
     hs.append(np.asarray(fn(batch["inputs"], batch["segment_ids"])))
     segs.append(batch["segment_ids"])
   return np.concatenate(hs), np.concatenate(segs)
-
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(description="Pick the entropy threshold for a target average patch size.")
-  parser.add_argument("--entropy-model", required=True, help="checkpoint dir of a bytelm entropy model")
-  parser.add_argument("--data", required=True, help="file, directory, glob or 'stdlib'")
-  parser.add_argument("--target-patch-size", type=float, default=4.0)
-  parser.add_argument("--monotonic", action="store_true", help="calibrate the monotonic rule instead")
-  parser.add_argument("--max-patch-length", type=int, default=None)
-  parser.add_argument("--seq-len", type=int, default=512)
-  parser.add_argument("--rows", type=int, default=64)
-  parser.add_argument("--max-bytes", type=int, default=2_000_000)
-  args = parser.parse_args(argv)
-
-  from bytescale.data.pipeline import frame_documents
-  from bytescale.data.sources import load_documents
-  from bytescale.models.blt import load_entropy_model
-
-  model = load_entropy_model(args.entropy_model)
-  tokens = frame_documents(load_documents(args.data, max_bytes=args.max_bytes))
-  h, seg = sample_entropies(model, tokens, seq_len=args.seq_len, max_rows=args.rows)
-  if args.monotonic:
-    config = PatchingConfig("entropy", threshold=None, monotonic_threshold=0.0, max_patch_length=args.max_patch_length)
-    field = "monotonic_threshold"
-  else:
-    config = PatchingConfig("entropy", max_patch_length=args.max_patch_length)
-    field = "threshold"
-  value, size = threshold_for_patch_size(h, seg, args.target_patch_size, config, field=field)
-  print(json.dumps({field: value, "average_patch_size": size, "sample_bytes": int((seg != 0).sum())}))
-  return 0
-
-
-if __name__ == "__main__":
-  sys.exit(main())

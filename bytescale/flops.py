@@ -23,10 +23,8 @@ of ``seq_len`` bytes. Embedding and hash-embedding lookups count zero.
 from __future__ import annotations
 
 import dataclasses
-import json
 
-from bytescale import vocab
-from bytescale.configs import ByteLMConfig, TransformerConfig
+from bytescale.configs import TransformerConfig
 
 CONVENTIONS = ("spacebyte", "exact")
 ATTENTION_COUNTS = ("causal", "dense")
@@ -89,7 +87,7 @@ class FlopCount:
             "training_with_recompute_per_byte": self.training_with_recompute, "components": dict(self.components)}
 
 
-def _check(convention: str, attention: str):
+def check_convention(convention: str, attention: str):
   if convention not in CONVENTIONS:
     raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
   if attention not in ATTENTION_COUNTS:
@@ -127,7 +125,7 @@ def stack_flops(stack: TransformerConfig, context: float, *, convention="exact",
   ``keys`` overrides the keys each query attends to (for callers whose masks are not a plain causal window).
   What ``stack.remat`` recomputes is marked ``recomputed``.
   """
-  _check(convention, attention)
+  check_convention(convention, attention)
   d, h, g, k, f = stack.d_model, stack.num_heads, stack.num_kv_heads, stack.head_dim, stack.mlp_hidden
   layers = stack.num_layers
   # SpaceByte's formula assumes square QKVO and a 2-matrix MLP of width e_ff*D; both conventions count our real
@@ -147,92 +145,6 @@ def stack_flops(stack: TransformerConfig, context: float, *, convention="exact",
   return count
 
 
-def bytelm_flops(config: ByteLMConfig, seq_len: int, *, convention="exact", attention="causal") -> FlopCount:
-  count = stack_flops(config.stack, seq_len, convention=convention, attention=attention)
-  return count + FlopCount({"unembed": 2.0 * config.stack.d_model * vocab.VOCAB_SIZE})
-
-
-def _local_keys(patch_size: int, cross_patch_r: int, window: int | None, *, convention: str, attention: str):
-  """Keys per query of MegaByte's local model: in-patch position i sees ``r + i + 1`` keys (causal), out of the
-  ``r + P`` a dense score matrix holds."""
-  span = patch_size + cross_patch_r
-  if convention == "spacebyte":
-    return float(span if window is None else min(window, span))
-  if attention == "dense":
-    return float(span)
-  seen = [cross_patch_r + i + 1 for i in range(patch_size)]
-  return sum(s if window is None else min(s, window) for s in seen) / patch_size
-
-
-def megabyte_flops(config, seq_len: int, *, convention="exact", attention="causal") -> FlopCount:
-  """Global model once per patch, projection and local model once per local position, unembedding per byte.
-
-  Exact: ``seq_len`` bytes fill ``J = ceil((seq_len + 1) / P) * P`` local positions (the pad patch shifts the
-  global input by one, rows are padded to whole patches) and ``J / P`` global positions, so a row of a whole
-  number of patches pays for one more patch. SpaceByte: ``T / P`` patches, the paper's formula. The local model
-  attends within its patch (plus ``cross_patch_r`` positions of the previous one). With ``strided_inference``
-  the forward pass runs a second pass over the row shifted by ``P // 2``; it is counted in the same components.
-  """
-  from bytescale.ops.patches import num_local_positions
-
-  _check(convention, attention)
-  p = config.patch_size
-  local = config.local_stack
-  d_local = local.d_model
-  local_keys = _local_keys(p, config.cross_patch_r, local.window, convention=convention, attention=attention)
-  count = FlopCount({"unembed": 2.0 * d_local * vocab.VOCAB_SIZE * len(config.stream_offsets)})
-  for offset in config.stream_offsets:
-    stream = seq_len + offset
-    positions = num_local_positions(stream, p) if convention == "exact" else stream
-    patches = positions / p
-    count += stack_flops(config.global_stack, patches, convention=convention, attention=attention,
-                         prefix="global_").scaled(patches / seq_len)
-    count += stack_flops(local, p, convention=convention, attention=attention, prefix="local_",
-                         keys=local_keys).scaled(positions / seq_len)
-    count += FlopCount({"global_to_local": 2.0 * config.d_global_embed * d_local * positions / seq_len})
-  return count
-
-
-def entropy_model_flops(entropy_config: ByteLMConfig, seq_len: int, *, context: int | None = None,
-                        overlap: int | None = None, convention="exact", attention="causal",
-                        prefix="entropy_model.") -> FlopCount:
-  """FLOPs per byte of a frozen entropy model (BLT's patcher) scoring ``seq_len`` bytes, forward only.
-
-  A row longer than ``context`` (default: the model's ``max_seq_len``) is scored in overlapping windows of
-  ``context`` bytes (``bytescale.entropy.window_layout``): each window is a full forward pass.
-  """
-  from bytescale.entropy import window_layout
-
-  context = context or entropy_config.max_seq_len
-  starts, _ = window_layout(seq_len, context, overlap)
-  window = seq_len if len(starts) == 1 else context
-  count = bytelm_flops(entropy_config, window, convention=convention, attention=attention)
-  return count.scaled(len(starts) * window / seq_len, prefix).as_frozen()
-
-
-# Each model registers how its FLOPs are counted: {config type: fn(config, seq_len, convention, attention)}.
-FLOP_COUNTERS = {ByteLMConfig: bytelm_flops}
-
-
-def _register_builtin_counters():
-  from bytescale.models.megabyte import MegaByteConfig
-
-  FLOP_COUNTERS.setdefault(MegaByteConfig, megabyte_flops)
-
-
-def register_flop_counter(config_type, fn):
-  FLOP_COUNTERS[config_type] = fn
-
-
-def flops_per_byte(config, seq_len: int, *, convention="exact", attention="causal") -> FlopCount:
-  """FLOPs per byte of any registered model config."""
-  _register_builtin_counters()
-  for config_type, fn in FLOP_COUNTERS.items():
-    if isinstance(config, config_type):
-      return fn(config, seq_len, convention=convention, attention=attention)
-  raise ValueError(f"no FLOP counter registered for {type(config).__name__}")
-
-
 def xla_flops(fn, *args) -> float:
   """FLOPs of ``jax.jit(fn)(*args)`` according to XLA's cost analysis of the compiled program (compiled, not
   run: ``args`` may be ``jax.ShapeDtypeStruct``s).
@@ -246,82 +158,3 @@ def xla_flops(fn, *args) -> float:
   if isinstance(analysis, list):
     analysis = analysis[0]
   return float(analysis["flops"])
-
-
-# --- CLI: bytescale flops -----------------------------------------------------------------------------------
-
-def add_command(subparsers):
-  p = subparsers.add_parser("flops", help="analytic FLOPs per byte of a model preset, by component")
-  p.add_argument("--model", default="bytelm")
-  p.add_argument("--preset", default="tiny")
-  p.add_argument("--seq-len", type=int, default=None, help="bytes per sequence (default: the preset's max_seq_len)")
-  p.add_argument("--patch-size", type=float, default=None,
-                 help="MegaByte: the patch size; BLT: the average patch size to count for (default: the stride for "
-                      "strided patching, else 4.5)")
-  p.add_argument("--convention", choices=CONVENTIONS, default="exact")
-  p.add_argument("--attention", choices=ATTENTION_COUNTS, default="causal")
-  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                 help="model config override; mtp_heads=N (and other mtp_* fields) add multi-token heads")
-  p.add_argument("--entropy-model-preset", default=None, metavar="PRESET",
-                 help="BLT with entropy patching: also count this bytelm preset as its (frozen) entropy model, "
-                      "e.g. entropy-100m (the paper's); reported as entropy_model.* components")
-  p.add_argument("--json", action="store_true", help="one JSON line instead of a table")
-  return "flops", _run
-
-
-def configured_count(model: str, preset: str, *, seq_len: int | None = None, patch_size: float | None = None,
-                     overrides=(), convention: str = "exact", attention: str = "causal",
-                     entropy_model_preset: str | None = None) -> tuple[int, FlopCount]:
-  """What ``bytescale flops`` prints: ``(seq_len, count)`` for a preset with ``--set``-style overrides."""
-  from bytescale import configs, heads
-  from bytescale.models.blt import BLTConfig
-  from bytescale.models.blt import flops_per_byte as blt_flops
-
-  config = configs.get_preset(model, preset)
-  assignments, multi_token = heads.split_overrides(overrides)
-  if assignments:
-    config = configs.replace_paths(config, assignments)
-  average_patch_size = None
-  if patch_size is not None:
-    if isinstance(config, BLTConfig):
-      if patch_size < 1:
-        raise configs.ConfigError(f"--patch-size must be at least 1 byte, got {patch_size}")
-      average_patch_size = float(patch_size)
-    elif float(patch_size).is_integer():
-      config = configs.replace_path(config, "patch_size", str(int(patch_size)))
-    else:
-      raise configs.ConfigError(f"--patch-size {patch_size}: {type(config).__name__} needs a whole number of bytes")
-  if multi_token:
-    if average_patch_size is not None:
-      raise configs.ConfigError("--patch-size with mtp_* overrides on BLT is not supported; count BLT with heads at "
-                                "its default average patch size, or drop the heads")
-    config = heads.apply_overrides(config, multi_token)
-  seq_len = seq_len or getattr(config, "max_seq_len", None) or getattr(
-      getattr(config, "trunk", None), "max_seq_len", 1024)
-  if entropy_model_preset is not None:
-    if not isinstance(config, BLTConfig) or not config.patching.needs_entropies:
-      raise configs.ConfigError("--entropy-model-preset applies to BLT with entropy patching only")
-    config = dataclasses.replace(config, entropy_model_config=configs.get_preset("bytelm", entropy_model_preset))
-  if isinstance(config, BLTConfig):  # BLT alone takes a (fractional) average patch size
-    count = blt_flops(config, seq_len, average_patch_size, convention=convention, attention=attention,
-                      include_entropy_model=entropy_model_preset is not None)
-  else:
-    count = flops_per_byte(config, seq_len, convention=convention, attention=attention)
-  return seq_len, count
-
-
-def _run(args):
-  seq_len, count = configured_count(args.model, args.preset, seq_len=args.seq_len, patch_size=args.patch_size,
-                                    overrides=args.set, convention=args.convention, attention=args.attention,
-                                    entropy_model_preset=args.entropy_model_preset)
-  if args.json:
-    print(json.dumps({"model": args.model, "preset": args.preset, "seq_len": seq_len, "patch_size": args.patch_size,
-                      "overrides": args.set, "convention": args.convention, "attention": args.attention,
-                      **count.as_dict()}))
-    return
-  print(f"{args.model}/{args.preset}  seq_len={seq_len}  convention={args.convention}  attention={args.attention}")
-  for name, value in sorted(count.components.items()):
-    print(f"  {name:<28} {value:>16,.0f}")
-  print(f"  {'forward per byte':<28} {count.forward:>16,.0f}\n  {'training per byte':<28} {count.training:>16,.0f}")
-  if count.training_with_recompute != count.training:
-    print(f"  {'  with remat recompute':<28} {count.training_with_recompute:>16,.0f}")

@@ -15,9 +15,7 @@ import numpy as np
 from flax import nnx
 
 from bytescale import vocab
-
-NEVER_SAMPLED = (vocab.BOS, vocab.PAD, vocab.RESERVED)
-
+from bytescale.ops.sampling import allowed_logits
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
@@ -34,11 +32,6 @@ class SamplingConfig:
       raise ValueError(f"SamplingConfig.top_k must be in [1, {vocab.VOCAB_SIZE}], got {self.top_k}")
     if self.top_p is not None and not 0 < self.top_p <= 1:
       raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
-
-
-def allowed_logits(logits_BxV):
-  """Logits with ids that can never be generated (BOS, PAD, reserved) removed."""
-  return logits_BxV.astype(jnp.float32).at[:, NEVER_SAMPLED].set(-jnp.inf)
 
 
 def sample_logits(logits_BxV, rng, sampling: SamplingConfig):

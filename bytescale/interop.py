@@ -12,21 +12,21 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from bytescale.models.base import MODELS, model_name_for
+from bytescale.models import registry
 
 
-def _model_type(config):
-  return MODELS[model_name_for(config)].model_type
+def _build(config, *, rngs: nnx.Rngs):
+  return registry.build_model(config, rngs=rngs)
 
 
 def init(rng: jax.Array, config) -> dict:
   """Fresh parameters of the model described by ``config``, as a nested dict of arrays."""
-  model = _model_type(config)(config, rngs=nnx.Rngs(params=rng))
+  model = _build(config, rngs=nnx.Rngs(params=rng))
   return nnx.to_pure_dict(nnx.state(model))
 
 
 def _abstract_model(config):
-  return nnx.eval_shape(lambda: _model_type(config)(config, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(lambda: _build(config, rngs=nnx.Rngs(0)))
 
 
 def bind(params: dict, config):
@@ -43,4 +43,4 @@ def apply(params: dict, bytes_BxT, config, segment_ids_BxT=None):
 
 def to_linen(config):
   """A Linen module wrapping the model; ``module.init(rng, bytes)`` / ``module.apply(variables, bytes)``."""
-  return nnx.bridge.to_linen(_model_type(config), config)
+  return nnx.bridge.to_linen(_build, config)

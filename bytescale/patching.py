@@ -40,9 +40,9 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from bytescale import configs, vocab
+from bytescale import vocab
 from bytescale.configs import check
-from bytescale.ops.attention import segment_positions
+from bytescale.ops.mask import segment_positions
 
 PATCHERS = ("strided", "space", "entropy")
 # The BLT reference's default global threshold (natural-log entropy, nats).
@@ -51,21 +51,21 @@ BLT_THRESHOLD = 1.335442066192627
 
 @struct.dataclass
 class Patches:
-  """Static-shape description of a row's patches (``K = max_patches``)."""
+  """Static-shape description of a row's patches (``M = max_patches``)."""
 
-  patch_ids_BxT: jax.Array  # int32: the patch of each byte in [0, K); -1 on padding
+  patch_ids_BxT: jax.Array  # int32: the patch of each byte in [0, M); -1 on padding
   starts_BxT: jax.Array  # bool: the byte opens a patch (before any overflow merge)
-  lengths_BxK: jax.Array  # int32: bytes per patch; 0 for unused slots
-  valid_BxK: jax.Array  # bool: the slot holds a patch
-  overflow_bytes_B: jax.Array  # int32: bytes merged into the last slot because the row had > K patches
+  lengths_BxM: jax.Array  # int32: bytes per patch; 0 for unused slots
+  valid_BxM: jax.Array  # bool: the slot holds a patch
+  overflow_bytes_B: jax.Array  # int32: bytes merged into the last slot because the row had > M patches
 
   @property
   def max_patches(self) -> int:
-    return self.lengths_BxK.shape[1]
+    return self.lengths_BxM.shape[1]
 
   @property
   def num_patches_B(self):
-    return jnp.sum(self.valid_BxK, axis=1)
+    return jnp.sum(self.valid_BxM, axis=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +116,6 @@ class PatchingConfig:
     return max(1, min(seq_len, math.ceil(self.max_patches_ratio * seq_len)))
 
 
-configs.register_config_type(PatchingConfig)
 
 
 # --- Rules ------------------------------------------------------------------------------------------------
@@ -183,8 +182,8 @@ def patches_from_starts(starts_BxT, segment_ids_BxT, max_patches: int) -> Patche
   onehot_lengths = jax.vmap(lambda ids: jnp.bincount(jnp.where(ids >= 0, ids, max_patches), length=max_patches + 1))
   lengths = onehot_lengths(patch_ids)[:, :max_patches].astype(jnp.int32)
   return Patches(
-      patch_ids_BxT=patch_ids.astype(jnp.int32), starts_BxT=starts_BxT, lengths_BxK=lengths,
-      valid_BxK=lengths > 0, overflow_bytes_B=overflow,
+      patch_ids_BxT=patch_ids.astype(jnp.int32), starts_BxT=starts_BxT, lengths_BxM=lengths,
+      valid_BxM=lengths > 0, overflow_bytes_B=overflow,
   )
 
 
@@ -250,7 +249,7 @@ def entropy(
 
 
 def patch_start_index(patches: Patches):
-  """Index of each patch's first byte ``BxK`` (T for unused slots)."""
+  """Index of each patch's first byte ``BxM`` (T for unused slots)."""
   t = patches.patch_ids_BxT.shape[1]
   k = patches.max_patches
   index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), patches.patch_ids_BxT.shape)

@@ -1,6 +1,6 @@
 """Greedy self-speculative (blockwise parallel) decoding, written against the protocol (no model names).
 
-A model that drafts (``bytescale.heads.MultiTokenLM``; any model offering the same methods) has, beside the
+A model that drafts (``bytescale.models.mtp.MultiTokenLM``; any model offering the same methods) has, beside the
 model protocol of ``bytescale.models.base``:
 
 * ``init_cache(batch, max_len, drafting=True)``: a cache that also keeps the drafting state;
@@ -29,17 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bytescale import vocab
-from bytescale.generate import NEVER_SAMPLED, decode_rows, frame_prompts
-
-
-_ALLOWED_V = np.isin(np.arange(vocab.VOCAB_SIZE), NEVER_SAMPLED, invert=True)
-
-
-def greedy_ids(logits_xV):
-  """Argmax over the ids generation may produce: exactly the ids of ``generate`` at temperature 0 (which
-  removes the same ids with a scatter; a ``where`` is cheaper inside a decoding loop)."""
-  return jnp.argmax(jnp.where(_ALLOWED_V, logits_xV.astype(jnp.float32), -jnp.inf), axis=-1).astype(jnp.int32)
+from bytescale.generate import decode_rows, frame_prompts
+from bytescale.ops.rows import write_rows
+from bytescale.ops.sampling import greedy_ids
 
 
 def accepted_lengths(drafts_BxJ, greedy_BxN):
@@ -81,8 +73,7 @@ def make_speculative_decoder(graphdef, max_new: int, max_len: int):
       greedy_BxN = greedy_ids(out.logits_BxTxV)
       accepted_B = jnp.where(active_B, accepted_lengths(drafts_BxJ, greedy_BxN), 0)
       # The greedy bytes after block positions 0..k-1 are the k new bytes (accepted drafts equal them).
-      written = jax.vmap(lambda row, new, at: jax.lax.dynamic_update_slice_in_dim(row, new, at, axis=0))(
-          tokens, greedy_BxN, count_B)
+      written = write_rows(tokens, greedy_BxN, count_B)
       tokens = jnp.where(active_B[:, None], written, tokens)
       cache = model.rollback(cache, block - accepted_B)
       next_B = jnp.where(active_B, greedy_BxN[rows, jnp.maximum(accepted_B - 1, 0)], next_B)

@@ -16,9 +16,10 @@ import jax
 import optax
 from flax import nnx
 
-from bytescale import configs
+from bytescale.models.registry import build_model
+from bytescale.models import registry
 from bytescale.data.pipeline import ByteCorpus, DataConfig, train_iterator
-from bytescale.heads import MultiTokenConfig, MultiTokenLM, multi_token_loss
+from bytescale.models.mtp import MultiTokenConfig, multi_token_loss
 from bytescale.speculative import greedy_tokens, speculative_generate
 from bytescale.vocab import decode
 
@@ -33,7 +34,7 @@ def main():
   parser.add_argument("--max-new", type=int, default=200)
   args = parser.parse_args()
 
-  trunk = configs.get_preset("bytelm", "tiny")
+  trunk = registry.get_preset("bytelm", "tiny")
   trunk = dataclasses.replace(trunk, stack=dataclasses.replace(trunk.stack, d_model=96, head_dim=24, mlp_hidden=256,
                                                                 num_layers=4))
   config = MultiTokenConfig(trunk=trunk, mtp_heads=4, mtp_variant=args.variant)
@@ -41,7 +42,7 @@ def main():
   corpus = ByteCorpus.load(data)
   batches = train_iterator(corpus, data)
 
-  model = MultiTokenLM(config, rngs=nnx.Rngs(0))
+  model = build_model(config, seed=0)
   graphdef, params = nnx.split(model, nnx.Param)
   schedule = optax.warmup_cosine_decay_schedule(0.0, 3e-3, 30, args.steps, 3e-4)
   optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=0.1))

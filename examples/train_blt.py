@@ -5,7 +5,7 @@
 1. Entropy model: a small sliding-window ByteLM (preset ``bytelm/entropy-tiny``) trained with the ordinary
    training loop; the same as ``bytescale train --model bytelm --preset entropy-tiny --out OUT/entropy``.
 2. Threshold: the global entropy threshold that gives ``--target-patch-size`` bytes per patch on a sample of the
-   corpus (``bytescale.entropy.threshold_for_patch_size``; ``python -m bytescale.entropy`` does the same).
+   corpus (``bytescale.entropy.threshold_for_patch_size``; ``bytescale entropy-threshold`` does the same).
 3. BLT (preset ``blt/tiny``) with ``entropy_model=OUT/entropy``: patches are computed inside the jitted train step
    from the frozen entropy model; ``bytescale train --model blt --preset tiny --set entropy_model=OUT/entropy
    --set threshold=...`` does the same from the shell.
@@ -20,10 +20,11 @@ import time
 
 import numpy as np
 
+from bytescale.models import registry
 from bytescale import configs, entropy
 from bytescale.data.pipeline import ByteCorpus, DataConfig
 from bytescale.generate import SamplingConfig, generate
-from bytescale.models.blt import load_entropy_model
+from bytescale.train.checkpoint import load_entropy_model
 from bytescale.train.loop import train
 
 SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
@@ -48,7 +49,7 @@ def main():
   # 1. The entropy model.
   entropy_dir = os.path.join(args.out, "entropy")
   started = time.perf_counter()
-  result = train(configs.get_preset("bytelm", "entropy-tiny"),
+  result = train(registry.get_preset("bytelm", "entropy-tiny"),
                  configs.TrainConfig(steps=args.entropy_steps, batch_size=args.batch_size, seq_len=args.seq_len),
                  data, entropy_dir, preset="entropy-tiny", corpus=corpus)
   print(f"entropy model: {result.summary['val_bpb']:.3f} bits/byte ({time.perf_counter() - started:.0f} s)")
@@ -60,7 +61,7 @@ def main():
   print(f"threshold {threshold:.4f} nats -> {size:.2f} bytes per patch (entropies: median {np.median(h):.2f})")
 
   # 3. The BLT, patching inside the train step with the frozen entropy model.
-  config = configs.get_preset("blt", "tiny")
+  config = registry.get_preset("blt", "tiny")
   config = dataclasses.replace(config, entropy_model=entropy_dir,
                                patching=dataclasses.replace(config.patching, threshold=threshold))
   blt_dir = os.path.join(args.out, "blt")

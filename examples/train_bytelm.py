@@ -14,7 +14,7 @@ import jax
 import optax
 from flax import nnx
 
-from bytescale import configs
+from bytescale.models import registry
 from bytescale.data.pipeline import ByteCorpus, DataConfig, train_iterator
 from bytescale.generate import SamplingConfig, generate
 from bytescale.models import ByteLM
@@ -30,7 +30,7 @@ def main():
   parser.add_argument("--batch-size", type=int, default=16)
   args = parser.parse_args()
 
-  config = configs.get_preset("bytelm", "tiny")
+  config = registry.get_preset("bytelm", "tiny")
   wider = dataclasses.replace(config.stack, d_model=128, head_dim=32, mlp_hidden=352)
   config = dataclasses.replace(config, stack=wider)
   data = DataConfig(source=args.data, seq_len=args.seq_len, batch_size=args.batch_size, max_bytes=8_000_000)

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import time
 
+from bytescale.models import registry
 from bytescale import configs
 from bytescale.data.pipeline import DataConfig
 from bytescale.generate import SamplingConfig, generate
@@ -28,7 +29,7 @@ def main():
   parser.add_argument("--prompt", default="def ")
   args = parser.parse_args()
 
-  tiny = configs.get_preset("megabyte", "tiny")
+  tiny = registry.get_preset("megabyte", "tiny")
   config = dataclasses.replace(
       tiny,
       global_stack=dataclasses.replace(tiny.global_stack, d_model=128, head_dim=32, mlp_hidden=352),

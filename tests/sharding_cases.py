@@ -1,5 +1,6 @@
 """Layouts and tiny model configs shared by test_parallel.py and multidevice_worker.py (no side effects)."""
 
+from bytescale.models import registry
 from bytescale import configs
 from bytescale.configs import ByteLMConfig, TransformerConfig
 
@@ -18,7 +19,7 @@ def model_config(name: str):
   if name == "bytelm":
     stack = TransformerConfig(d_model=32, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=4, mlp_hidden=64)
     return ByteLMConfig(stack=stack, max_seq_len=64)
-  config = configs.get_preset(name, "tiny")
+  config = registry.get_preset(name, "tiny")
   overrides = {
       "megabyte": {"global_stack.num_layers": 1, "local_stack.num_layers": 1, "max_seq_len": 64},
       # Space patching: entropy patching needs a trained entropy model on disk.

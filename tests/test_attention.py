@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bytescale.ops.attention import attention, attention_mask, segment_positions
+from bytescale.ops.attention import attention
+from bytescale.ops.mask import AttentionMask, segment_positions
 from tests.conftest import assert_close
 
 
@@ -68,8 +69,8 @@ def test_attention_matches_float64_loop(case, heads, rng):
   v = rng.normal(size=(b, t, g, d)).astype(np.float32)
   seg = packed_segments(rng, b, t, spec["padding"]) if spec["segments"] else np.ones((b, t), np.int32)
   pos = np.asarray(segment_positions(jnp.asarray(seg)))
-  out = attention(q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos, q_segment_ids_BxT=seg, kv_segment_ids_BxS=seg,
-                  causal=spec["causal"], window=spec["window"], impl="xla")
+  mask = AttentionMask.self_attention(pos, seg, causal=spec["causal"], window=spec["window"])
+  out = attention(q, k, v, mask, impl="xla")
   expected = brute_force_attention(q, k, v, pos, pos, seg, seg, spec["causal"], spec["window"], d**-0.5)
   assert_close(out, expected, atol=2e-5, what=case)
 
@@ -79,8 +80,7 @@ def test_fully_masked_rows_are_zero_not_nan(rng):
   kv = rng.normal(size=(1, 4, 2, 8)).astype(np.float32)
   seg = np.array([[1, 1, 0, 0]], np.int32)
   pos = np.arange(4)[None]
-  out = np.asarray(attention(q, kv, kv, q_positions_BxT=pos, kv_positions_BxS=pos, q_segment_ids_BxT=seg,
-                             kv_segment_ids_BxS=seg))
+  out = np.asarray(attention(q, kv, kv, AttentionMask.self_attention(pos, seg)))
   assert np.isfinite(out).all()
   assert (out[0, 2:] == 0).all()
 
@@ -88,7 +88,7 @@ def test_fully_masked_rows_are_zero_not_nan(rng):
 def test_mask_is_causal_windowed_and_document_local():
   seg = jnp.array([[1, 1, 1, 2, 2, 0]])
   pos = segment_positions(seg)
-  mask = np.asarray(attention_mask(pos, pos, seg, seg, causal=True, window=2))[0]
+  mask = np.asarray(AttentionMask.self_attention(pos, seg, causal=True, window=2).dense())[0]
   expected = np.zeros((6, 6), bool)
   for i, j in [(0, 0), (1, 0), (1, 1), (2, 1), (2, 2), (3, 3), (4, 3), (4, 4)]:
     expected[i, j] = True
@@ -110,6 +110,8 @@ def test_bad_shapes_and_impl_raise():
   kv = np.zeros((1, 4, 2, 8), np.float32)
   pos = np.arange(4)[None]
   with pytest.raises(ValueError, match="multiple of kv heads"):
-    attention(q, kv, kv, q_positions_BxT=pos, kv_positions_BxS=pos)
+    attention(q, kv, kv, AttentionMask.self_attention(pos))
   with pytest.raises(ValueError, match="impl"):
-    attention(kv, kv, kv, q_positions_BxT=pos, kv_positions_BxS=pos, impl="fast")
+    attention(kv, kv, kv, AttentionMask.self_attention(pos), impl="fast")
+  with pytest.raises(ValueError, match="q_positions_BxT"):
+    attention(kv, kv, kv, AttentionMask(pos[:, :3], pos))

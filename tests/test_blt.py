@@ -3,19 +3,23 @@
 
 import dataclasses
 import json
+import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from bytescale.models import mtp, registry
 from bytescale import configs, entropy, patching, vocab
 from bytescale.configs import ConfigError
 from bytescale.generate import prefill
 from bytescale.models import ByteLM
 from bytescale.models.blt import BLT, BLTConfig, Frozen, blt_loss, flops_per_byte
 from bytescale.patching import PatchingConfig
+from bytescale.train.checkpoint import resolve_entropy_model
 from tests.conftest import assert_close, tiny_bytelm_config
 
 T = 28
@@ -41,7 +45,7 @@ def threshold(entropy_lm):
 
 
 def blt_config(patching_config):
-  return dataclasses.replace(configs.get_preset("blt", "tiny"), patching=patching_config)
+  return dataclasses.replace(registry.get_preset("blt", "tiny"), patching=patching_config)
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +152,7 @@ def test_precomputed_patches_equal_in_forward_patches(models, entropy_lm, entrop
   h = entropy.compute_entropies(entropy_lm, ids, segs)
   outside = patching.patch(model.config.patching, ids, segs, entropies_BxT=h)
   logits, inside = entropy_forward(ids, segs)
-  for a, b in zip(jax.tree.leaves(outside), jax.tree.leaves(inside)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(outside, inside)
   given, _ = entropy_forward(ids, segs, outside)
   np.testing.assert_array_equal(np.asarray(given), np.asarray(logits))
 
@@ -233,10 +236,9 @@ def test_training_moves_parameters_not_the_entropy_model(models, rng):
   assert float(metrics["grad_norm"]) > 0 and "average_patch_size" in metrics  # BLT.loss adds patch metrics
   before, after = nnx.to_pure_dict(state.params), nnx.to_pure_dict(new_state.params)
   assert np.any(np.asarray(before["hash_table"]) != np.asarray(after["hash_table"]))
-  w_up = lambda tree: np.asarray(tree["global_stack"]["blocks"]["mlp"]["w_up_DxF"])  # noqa: E731
+  w_up = lambda tree: np.asarray(tree["global_stack"]["blocks"]["mlp"]["w_up"])  # noqa: E731
   assert np.any(w_up(before) != w_up(after))
-  for a, b in zip(jax.tree.leaves(state.frozen), jax.tree.leaves(new_state.frozen)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  chex.assert_trees_all_equal(state.frozen, new_state.frozen)
 
 
 def test_overflow_keeps_every_byte_in_the_loss(compiled, rng):
@@ -259,6 +261,7 @@ def test_patch_local_attention_equals_dense_segment_masked_attention(rng):
   ids out of order, padding (-1), ids >= K (ignored), a valid patch with no bytes, a non-valid one with bytes."""
   from bytescale.models.blt import patch_local_attention
   from bytescale.ops.attention import attention_reference
+  from bytescale.ops.mask import AttentionMask
 
   b, t, k, nq, h, d = 2, 13, 5, 2, 3, 4
   ids = jnp.asarray([[0, 0, 1, 1, 1, 3, 3, 0, -1, 5, 7, -1, 1],
@@ -271,9 +274,8 @@ def test_patch_local_attention_equals_dense_segment_masked_attention(rng):
     q_segments = jnp.repeat(jnp.where(valid, jnp.arange(1, k + 1), 0), nq, axis=1)
     kv_segments = jnp.where((ids >= 0) & (ids < k), ids + 1, 0)
     zeros = lambda n: jnp.zeros((b, n), jnp.int32)  # noqa: E731
-    out = attention_reference(q.reshape(b, k * nq, h, d), keys, values, q_positions_BxT=zeros(k * nq),
-                              kv_positions_BxS=zeros(t), q_segment_ids_BxT=q_segments, kv_segment_ids_BxS=kv_segments,
-                              causal=False)
+    mask = AttentionMask(zeros(k * nq), zeros(t), q_segments, kv_segments, causal=False)
+    out = attention_reference(q.reshape(b, k * nq, h, d), keys, values, mask)
     return out.reshape(b, k, nq, h, d)
 
   local = lambda q, keys, values: patch_local_attention(q, keys, values, ids, valid)  # noqa: E731
@@ -287,29 +289,69 @@ def test_patch_local_attention_equals_dense_segment_masked_attention(rng):
 
 def test_config_errors(tmp_path):
   with pytest.raises(ConfigError, match="entropy_model"):
-    BLT(configs.get_preset("blt", "tiny"), rngs=nnx.Rngs(0))
+    BLT(registry.get_preset("blt", "tiny"), rngs=nnx.Rngs(0))
+  missing = configs.replace_path(registry.get_preset("blt", "tiny"), "entropy_model", str(tmp_path / "missing"))
   with pytest.raises(ConfigError, match="entropy_model.*does not exist"):
-    configs.replace_path(configs.get_preset("blt", "tiny"), "entropy_model", str(tmp_path / "missing"))
+    resolve_entropy_model(missing)
+  with pytest.raises(ConfigError, match="entropy_model.*does not exist"):  # also as the trunk of multi-token heads
+    resolve_entropy_model(mtp.wrap(missing, mtp_heads=2))
   with pytest.raises(ConfigError, match="hash_ngrams"):
-    dataclasses.replace(configs.get_preset("blt", "tiny"), hash_ngrams=(3, 3))
+    dataclasses.replace(registry.get_preset("blt", "tiny"), hash_ngrams=(3, 3))
+
+
+# The BLT paper's shapes (l_E, h_E, l_G, h_G, l_D); the local decoder is built as wide as the encoder.
+PAPER_SHAPES = {"400m": (1, 768, 24, 1280, 7), "1b": (1, 1024, 25, 2048, 9)}
+
+
+def stack_shape_and_size(tree):
+  """``(layers, width, parameter count)`` of a transformer stack's arrays: all stacked on a leading layers axis,
+  the norm scales the only ``(layers, width)`` ones."""
+  leaves = jax.tree.leaves(tree)
+  (layers,) = {x.shape[0] for x in leaves}
+  (width,) = {x.shape[1] for x in leaves if x.ndim == 2}
+  return layers, width, sum(math.prod(x.shape) for x in leaves)
+
+
+@pytest.mark.parametrize("name", list(PAPER_SHAPES))
+def test_paper_presets_build_the_paper_shapes(name):
+  """Read off the arrays of the model the preset builds (abstractly: nothing is allocated); each stack's size
+  counted by hand: per layer two norms, Q, K, V and O of width x width (heads x head_dim = width, as many KV
+  heads as query heads) and a SwiGLU of three width x f matrices, f = 8 * width / 3 rounded up to a multiple of
+  32."""
+  l_e, h_e, l_g, h_g, l_d = PAPER_SHAPES[name]
+  # Space patching: the shapes are the same and no trained entropy model is needed to build it.
+  config = dataclasses.replace(registry.get_preset("blt", name), patching=PatchingConfig("space"))
+  params = nnx.state(nnx.eval_shape(lambda: BLT(config, rngs=nnx.Rngs(0))), nnx.Param)
+
+  def by_hand(layers, width):
+    f = math.ceil(8 * width / 3 / 32) * 32
+    return layers * (2 * width + 4 * width * width + 3 * width * f)
+
+  for stack, (layers, width) in {"encoder": (l_e, h_e), "global_stack": (l_g, h_g), "decoder": (l_d, h_e)}.items():
+    assert stack_shape_and_size(params[stack]) == (layers, width, by_hand(layers, width)), (name, stack)
 
 
 def test_presets_and_flops():
   for name in ("tiny", "small", "400m", "1b"):
-    config = configs.get_preset("blt", name)
+    config = registry.get_preset("blt", name)
     assert isinstance(config, BLTConfig) and config.patching.patcher == "entropy"
-  big = configs.get_preset("blt", "400m")
-  assert (big.encoder.num_layers, big.encoder.d_model, big.global_stack.num_layers, big.global_stack.d_model,
-          big.decoder.num_layers) == (1, 768, 24, 1280, 7)
-  big = configs.get_preset("blt", "1b")
-  assert (big.encoder.num_layers, big.encoder.d_model, big.global_stack.num_layers, big.global_stack.d_model,
-          big.decoder.num_layers) == (1, 1024, 25, 2048, 9)
+  big = registry.get_preset("blt", "1b")
   # Larger patches make the global model cheaper per byte; the byte-level parts do not change.
   f4, f8 = flops_per_byte(big, 8192, 4.0), flops_per_byte(big, 8192, 8.0)
   part = lambda count, prefix: sum(v for k, v in count.components.items() if k.startswith(prefix))  # noqa: E731
   assert part(f8, "global.") < part(f4, "global.") / 1.9
   assert f8.components["decoder.mlp"] == f4.components["decoder.mlp"]
-  assert f4.training == pytest.approx(3 * f4.forward)
+  # The training count is what XLA compiles for a training step (value_and_grad of the loss) at the preset's
+  # widths: one unrolled layer per stack, strided patches of 4 bytes filling every slot of 64 bytes.
+  from tests.test_flops import BATCH, abstract, assert_agrees, cross_entropy, ids_spec, measured_training
+
+  one_layer = lambda stack: dataclasses.replace(stack, num_layers=1, scan_layers=False)  # noqa: E731
+  small = dataclasses.replace(big, encoder=one_layer(big.encoder), global_stack=one_layer(big.global_stack),
+                              decoder=one_layer(big.decoder), max_seq_len=64,
+                              patching=PatchingConfig("strided", stride=4, max_patches_ratio=0.25))
+  graphdef, state = abstract(lambda: BLT(small, rngs=nnx.Rngs(0)))
+  measured = measured_training(cross_entropy(graphdef), state, ids_spec(64), num_bytes=BATCH * 64)
+  assert_agrees(measured, flops_per_byte(small, 64, attention="dense").training, "1b widths, training step")
 
 
 @pytest.mark.slow
@@ -321,7 +363,7 @@ def test_global_path_carries_context():
 
   from bytescale.ops.losses import masked_cross_entropy
 
-  base = configs.get_preset("blt", "tiny")
+  base = registry.get_preset("blt", "tiny")
   config = dataclasses.replace(base, hash_ngrams=(), patching=PatchingConfig("strided", stride=2),
                                encoder=dataclasses.replace(base.encoder, window=1),
                                decoder=dataclasses.replace(base.decoder, window=1))
@@ -351,7 +393,7 @@ def test_cli_trains_entropy_model_then_blt_and_generates(tmp_path, capsys):
   """Both stages through ``bytescale.cli.main``, then eval and generate from the BLT checkpoint, whose
   in-forward patches equal patches precomputed with the entropy checkpoint."""
   from bytescale.cli import main
-  from bytescale.models.blt import load_entropy_model
+  from bytescale.train.checkpoint import load_entropy_model
   from bytescale.train.checkpoint import load_model
 
   data = tmp_path / "corpus.txt"

@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 
+from bytescale.models import registry
 from bytescale import configs
 from bytescale.configs import ConfigError, TrainConfig, TransformerConfig
 
@@ -27,14 +28,13 @@ def test_invalid_values_name_the_field(make, field):
 
 
 def test_every_preset_builds_and_round_trips_through_json():
-  configs._ensure_models_registered()
-  for model, presets in configs.PRESETS.items():
-    for name, config in presets.items():
-      assert configs.from_dict(configs.to_dict(config)) == config, (model, name)
+  for model, spec in registry.MODELS.items():
+    for name, config in spec.presets.items():
+      assert registry.config_from_dict(configs.to_dict(config)) == config, (model, name)
 
 
 def test_overrides_resolve_unique_names_and_reject_unknown_or_ambiguous():
-  config = configs.get_preset("bytelm", "tiny")
+  config = registry.get_preset("bytelm", "tiny")
   assert configs.replace_path(config, "num_layers", "5").stack.num_layers == 5
   assert configs.replace_path(config, "stack.window", "none").stack.window is None
   assert configs.replace_path(config, "tie_embeddings", "true").tie_embeddings is True
@@ -42,10 +42,18 @@ def test_overrides_resolve_unique_names_and_reject_unknown_or_ambiguous():
     configs.replace_path(config, "num_layerz", "5")
   with pytest.raises(ConfigError, match="cannot parse"):
     configs.replace_path(config, "num_layers", "five")
+  # A bare name that two stacks share: MegaByte has global_stack.num_layers and local_stack.num_layers.
+  megabyte = registry.get_preset("megabyte", "tiny")
+  with pytest.raises(ConfigError, match="num_layers: is ambiguous") as error:
+    configs.replace_path(megabyte, "num_layers", "5")
+  assert "global_stack.num_layers" in str(error.value) and "local_stack.num_layers" in str(error.value)
+  # A dotted suffix makes it unique again; the other stack keeps its depth.
+  deeper = configs.replace_path(megabyte, "local_stack.num_layers", "5")
+  assert deeper.local_stack.num_layers == 5 and deeper.global_stack == megabyte.global_stack
 
 
 def test_fields_valid_only_together_can_be_set_in_any_order():
-  config = configs.get_preset("bytelm", "tiny")
+  config = registry.get_preset("bytelm", "tiny")
   pairs = [("rope_type", "yarn"), ("factor", "4"), ("original_max_position_embeddings", "256")]
   for order in (pairs, pairs[::-1]):
     rope = configs.replace_paths(config, order).stack.rope
@@ -55,7 +63,7 @@ def test_fields_valid_only_together_can_be_set_in_any_order():
 
 
 def test_a_rope_scaling_json_block_sets_the_whole_rope_config():
-  config = configs.get_preset("bytelm", "tiny")
+  config = registry.get_preset("bytelm", "tiny")
   rope = configs.replace_path(config, "stack.rope", '{"rope_type": "linear", "factor": 2.0}').stack.rope
   assert dataclasses.asdict(rope)["rope_type"] == "linear" and rope.factor == 2.0
   assert rope.rope_theta == config.stack.rope.rope_theta
@@ -63,6 +71,6 @@ def test_a_rope_scaling_json_block_sets_the_whole_rope_config():
 
 def test_unknown_model_and_preset():
   with pytest.raises(ConfigError, match="unknown model"):
-    configs.get_preset("gpt", "tiny")
+    registry.get_preset("gpt", "tiny")
   with pytest.raises(ConfigError, match="no preset"):
-    configs.get_preset("bytelm", "enormous")
+    registry.get_preset("bytelm", "enormous")

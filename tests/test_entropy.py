@@ -100,5 +100,5 @@ def test_threshold_for_patch_size(field, target, rng):
   tuned = dataclasses.replace(config, **{field: value})
   p = patching.patch(tuned, jnp.zeros((4, 200), jnp.int32), jnp.asarray(segs), entropies_BxT=jnp.asarray(h),
                      max_patches=200)
-  assert achieved == pytest.approx(800 / int(p.valid_BxK.sum()), rel=1e-6)
+  assert achieved == pytest.approx(800 / int(p.valid_BxM.sum()), rel=1e-6)
   assert entropy.average_patch_size(tuned, jnp.asarray(h), jnp.asarray(segs)) == pytest.approx(achieved, rel=1e-6)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from bytescale.kernels import cudnn_attention, flash_attention as fa
-from bytescale.ops.attention import attention_mask, segment_positions
+from bytescale.ops.mask import AttentionMask, segment_positions
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -118,17 +118,16 @@ def run_case(name, spec, streaming=None):
                  causal, window)
   ref = np_attention_and_grads(q, k, v, w, mask, scale)
 
-  kwargs = dict(
-      q_positions_BxT=jnp.asarray(q_pos), kv_positions_BxS=jnp.asarray(kv_pos),
-      q_segment_ids_BxT=None if q_seg is None else jnp.asarray(q_seg),
-      kv_segment_ids_BxS=None if kv_seg is None else jnp.asarray(kv_seg),
-      causal=causal, window=window, block_q=bq, block_k=bk, streaming=streaming,
+  attention_mask = AttentionMask(
+      jnp.asarray(q_pos), jnp.asarray(kv_pos), None if q_seg is None else jnp.asarray(q_seg),
+      None if kv_seg is None else jnp.asarray(kv_seg), causal=causal, window=window,
   )
+  kwargs = dict(block_q=bq, block_k=bk, streaming=streaming)
   qj, kj, vj = (jnp.asarray(x, dtype) for x in (q, k, v))
   wj = jnp.asarray(w)
 
   def loss(q_, k_, v_):
-    out = fa.flash_attention(q_, k_, v_, **kwargs)
+    out = fa.flash_attention(q_, k_, v_, attention_mask, **kwargs)
     return jnp.sum(out.astype(jnp.float32) * wj), out
 
   with fa.poison_outputs():
@@ -177,11 +176,11 @@ def test_fully_masked_rows_are_zero_not_nan(streaming):
   pos = jnp.broadcast_to(jnp.arange(t), (b, t))
   q_seg = jnp.asarray([[1] * 8 + [2] * 8 + [0] * 8])  # segment 2 has no keys; the last 8 are padding
   kv_seg = jnp.asarray([[1] * 8 + [3] * 8 + [1] * 8])
-  kw = dict(q_positions_BxT=pos, kv_positions_BxS=pos, q_segment_ids_BxT=q_seg, kv_segment_ids_BxS=kv_seg,
-            causal=False, block_q=8, block_k=8, streaming=streaming)
+  mask = AttentionMask(pos, pos, q_seg, kv_seg, causal=False)
+  kw = dict(block_q=8, block_k=8, streaming=streaming)
   with fa.poison_outputs():
-    out = fa.flash_attention(q, k, v, **kw)
-    grads = jax.grad(lambda *a: jnp.sum(fa.flash_attention(*a, **kw) ** 2), argnums=(0, 1, 2))(q, k, v)
+    out = fa.flash_attention(q, k, v, mask, **kw)
+    grads = jax.grad(lambda *a: jnp.sum(fa.flash_attention(*a, mask, **kw) ** 2), argnums=(0, 1, 2))(q, k, v)
   out = np.asarray(out)
   assert np.all(out[0, 8:] == 0.0) and np.all(np.abs(out[0, :8]).sum(-1) > 0)
   for grad in grads:
@@ -195,7 +194,7 @@ def test_under_jit_and_default_blocks():
   rng = np.random.default_rng(3)
   q, k, v = (jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32) for _ in range(3))
   pos = jnp.broadcast_to(jnp.arange(t), (b, t))
-  f = jax.jit(lambda q, k, v, p: fa.flash_attention(q, k, v, q_positions_BxT=p, kv_positions_BxS=p, window=5))
+  f = jax.jit(lambda q, k, v, p: fa.flash_attention(q, k, v, AttentionMask.self_attention(p, window=5)))
   out = f(q, k, v, pos)
   mask = np_mask(np.asarray(pos), np.asarray(pos), np.ones((b, t)), np.ones((b, t)), True, 5)
   want = np_attention_and_grads(q, k, v, np.zeros((b, t, h, d)), mask, d**-0.5)[0]
@@ -214,10 +213,8 @@ def _visits(t, h, d, pos, seg, causal, window, bq, bk, streaming):
   q = jnp.zeros((1, t, h, d), jnp.float32)
   k = jnp.zeros((1, t, 1, d), jnp.float32)
   seg_j = None if seg is None else jnp.asarray(seg)
-  table, visits = fa.block_visits(
-      q, k, k, q_positions_BxT=jnp.asarray(pos), kv_positions_BxS=jnp.asarray(pos), q_segment_ids_BxT=seg_j,
-      kv_segment_ids_BxS=seg_j, causal=causal, window=window, block_q=bq, block_k=bk, streaming=streaming,
-  )
+  mask = AttentionMask.self_attention(jnp.asarray(pos), seg_j, causal=causal, window=window)
+  table, visits = fa.block_visits(q, k, k, mask, block_q=bq, block_k=bk, streaming=streaming)
   return np.asarray(table), np.asarray(visits)
 
 
@@ -226,7 +223,7 @@ def test_block_skipping_is_banded_for_causal_window(streaming):
   t, bq, bk, window = 128, 16, 16, 20
   pos = np.arange(t)[None].astype(np.int32)
   table, visits = _visits(t, 2, 16, pos, None, True, window, bq, bk, streaming)
-  dense = _dense_block_table(np.asarray(attention_mask(jnp.asarray(pos), jnp.asarray(pos), window=window)), bq, bk)
+  dense = _dense_block_table(np.asarray(AttentionMask.self_attention(jnp.asarray(pos), window=window).dense()), bq, bk)
   np.testing.assert_array_equal(table, dense)  # exact for arange positions: every computed block is needed
   # What the kernel ran: exactly the table's blocks, for every head.
   np.testing.assert_array_equal(visits, np.broadcast_to(table.sum(-1)[:, None], visits.shape))
@@ -243,7 +240,7 @@ def test_block_skipping_documents_is_conservative_and_skips(streaming):
   pos = np.asarray(segment_positions(jnp.asarray(seg)))
   table, visits = _visits(t, 1, 16, pos, seg, True, None, bq, bk, streaming)
   dense = _dense_block_table(
-      np.asarray(attention_mask(jnp.asarray(pos), jnp.asarray(pos), jnp.asarray(seg), jnp.asarray(seg))), bq, bk
+      np.asarray(AttentionMask.self_attention(jnp.asarray(pos), jnp.asarray(seg)).dense()), bq, bk
   )
   assert np.all(table >= dense)  # never skips a needed block
   assert table.sum() < np.tril(np.ones((t // bq, t // bk))).sum()  # and skips across documents
@@ -254,30 +251,29 @@ def test_streaming_is_refused_on_gpu():
   q = jnp.zeros((1, 8, 2, 32), jnp.float32)
   pos = jnp.broadcast_to(jnp.arange(8), (1, 8))
   with pytest.raises(ValueError, match="streaming=True"):
-    fa.flash_attention(q, q, q, q_positions_BxT=pos, kv_positions_BxS=pos, backend="gpu", interpret=True,
-                       streaming=True)
+    fa.flash_attention(q, q, q, AttentionMask.self_attention(pos), backend="gpu", interpret=True, streaming=True)
 
 
 def test_cudnn_raises_clearly_on_cpu():
   q = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
   pos = jnp.broadcast_to(jnp.arange(8), (1, 8))
   with pytest.raises(NotImplementedError, match="NVIDIA GPU"):
-    cudnn_attention.cudnn_attention(q, q, q, q_positions_BxT=pos, kv_positions_BxS=pos)
+    cudnn_attention.cudnn_attention(q, q, q, AttentionMask.self_attention(pos))
 
 
 def test_cudnn_mask_plan_never_drops_a_mask():
   pos = jnp.broadcast_to(jnp.arange(8), (2, 8))
   padded = jnp.asarray([[1] * 5 + [0] * 3, [2] * 8])
-  plan = cudnn_attention.cudnn_mask_plan(pos, pos, padded, padded)
+  plan = cudnn_attention.cudnn_mask_plan(AttentionMask.self_attention(pos, padded))
   np.testing.assert_array_equal(plan["kv_len_B"], [5, 8])
   with pytest.raises(NotImplementedError, match="cannot express"):  # packed documents
-    cudnn_attention.cudnn_mask_plan(pos, pos, jnp.asarray([[1] * 4 + [2] * 4] * 2), None)
+    cudnn_attention.cudnn_mask_plan(AttentionMask(pos, pos, jnp.asarray([[1] * 4 + [2] * 4] * 2), None))
   with pytest.raises(NotImplementedError, match="cannot express"):  # positions are not indices
-    cudnn_attention.cudnn_mask_plan(pos, pos + jnp.asarray([[0], [1]]))
+    cudnn_attention.cudnn_mask_plan(AttentionMask(pos, pos + jnp.asarray([[0], [1]])))
   with pytest.raises(NotImplementedError, match="two-sided"):
-    cudnn_attention.cudnn_mask_plan(pos, pos, causal=False, window=4)
+    cudnn_attention.cudnn_mask_plan(AttentionMask(pos, pos, causal=False, window=4))
   # Under jit the same check cannot raise: it flags the rows instead (the wrapper poisons them with NaN).
-  ok = jax.jit(lambda p: cudnn_attention.cudnn_mask_plan(p, p + 1)["ok_B"])(pos)
+  ok = jax.jit(lambda p: cudnn_attention.cudnn_mask_plan(AttentionMask(p, p + 1))["ok_B"])(pos)
   assert not np.asarray(ok).any()
 
 
@@ -306,8 +302,7 @@ def test_kernels_lower_for_accelerators(platform, monkeypatch):
 
   def f(q, k, v, pos, seg):
     attn = lambda q, k, v: fa.flash_attention(
-        q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos, q_segment_ids_BxT=seg, kv_segment_ids_BxS=seg,
-        window=256, interpret=False,
+        q, k, v, AttentionMask.self_attention(pos, seg, window=256), interpret=False
     )
     return jax.grad(lambda *a: attn(*a).astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
 
@@ -325,7 +320,7 @@ def test_inside_shard_map_with_check_vma_false():
   mesh = jax.make_mesh((1,), ("b",), axis_types=(jax.sharding.AxisType.Explicit,))
   q = jnp.asarray(np.random.default_rng(5).normal(size=(1, 20, 2, 16)), jnp.float32)
   pos = jnp.broadcast_to(jnp.arange(20), (1, 20))
-  f = lambda q, p: fa.flash_attention(q, q, q, q_positions_BxT=p, kv_positions_BxS=p, block_q=8, block_k=8)
+  f = lambda q, p: fa.flash_attention(q, q, q, AttentionMask.self_attention(p), block_q=8, block_k=8)
   want = np.asarray(f(q, pos))
   # Explicitly sharded arrays must go through shard_map: outside it the kernel refs would carry the sharding.
   put = lambda x: jax.device_put(x, NamedSharding(mesh, P("b")))

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bytescale import configs, vocab
+from bytescale.models import registry
+from bytescale import vocab
 from bytescale.models.blt import BLT
 from bytescale.ops import hashing
 from bytescale.patching import PatchingConfig
@@ -84,12 +85,12 @@ def test_distinct_ngrams_rarely_collide(rng):
 
 def test_hash_embeddings_match_plain_python(rng):
   """BLT's encoder input = (byte embedding + sum over n of table_n[bucket]) / sqrt(1 + #n), per position."""
-  config = configs.get_preset("blt", "tiny")
+  config = registry.get_preset("blt", "tiny")
   config = dataclasses.replace(config, patching=PatchingConfig("space"), hash_ngrams=(2, 3, 5), hash_buckets=97)
   model = BLT(config, rngs=nnx.Rngs(0))
   ids, segs = random_packed_row(rng, 30)
   got = np.asarray(model.embed_bytes(jnp.asarray(ids[None], jnp.int32), jnp.asarray(segs[None], jnp.int32)))[0]
-  byte_table = np.asarray(model.byte_embed.table_VxD[...], np.float64)
+  byte_table = np.asarray(model.byte_embed.table[...], np.float64)
   hash_table = np.asarray(model.hash_table[...], np.float64)
   buckets = python_buckets(ids, segs, config.hash_ngrams, config.hash_buckets)
   expected = np.zeros_like(got, np.float64)

@@ -1,15 +1,18 @@
 """Multi-token heads: targets, loss against a float64 reference, memory-efficient gradients and memory, configs."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from bytescale.models.registry import build_model
+from bytescale.models import registry
 from bytescale import configs, vocab
 from bytescale.configs import ConfigError
 from bytescale.data.pipeline import frame_documents, pack_rows
-from bytescale.heads import MultiTokenConfig, MultiTokenLM, head_targets, multi_token_loss
+from bytescale.models.mtp import MultiTokenConfig, head_targets, multi_token_loss
 from bytescale.models import ByteLM
 from tests.conftest import assert_close, tiny_bytelm_config
 
@@ -27,7 +30,7 @@ def packed_batch(rng, seq_len=24, rows=3):
 
 def build(variant="parallel", n=3, trunk=None, seed=0, **fields):
   config = MultiTokenConfig(trunk=trunk or tiny_bytelm_config(), mtp_heads=n, mtp_variant=variant, **fields)
-  return MultiTokenLM(config, rngs=nnx.Rngs(seed))
+  return build_model(config, seed=seed)
 
 
 class Jitted:
@@ -126,10 +129,10 @@ def test_heads_are_one_block_each_over_the_trunk(jitted, rng):
       x = hidden
       if model.sequential and i > 0:
         combine = nnx.merge(*nnx.split(model.combine))
-        w = combine.proj_2DxD[i - 1]
+        w = combine.proj[i - 1]
         ahead = jnp.concatenate([ids[:, i:], jnp.full((ids.shape[0], i), vocab.PAD)], axis=1)
         normed = lambda x, scale: x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-5) * scale  # noqa: E731
-        e = model.trunk.embed.table_VxD[...][ahead]
+        e = model.trunk.embed.table[...][ahead]
         x = jnp.concatenate([normed(previous, combine.hidden_norm.scale[i - 1]),
                              normed(e, combine.embed_norm.scale[i - 1])], -1) @ w
       previous = nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))(x, positions, jnp.ones_like(ids))
@@ -159,15 +162,13 @@ def test_heads_never_see_other_documents(jitted, rng):
 def test_memory_efficient_gradients_equal_naive(jitted, rng):
   batch = packed_batch(rng)
   efficient, naive = (jitted.value_and_grad(jitted.params, batch, e)[1] for e in (True, False))
-  leaves = list(zip(jax.tree.leaves(efficient), jax.tree.leaves(naive)))
-  assert all(float(jnp.max(jnp.abs(b))) > 0 for _, b in leaves)  # every parameter, every head, gets a gradient
-  for a, b in leaves:
-    assert_close(a, b, atol=2e-6, rtol=1e-4)
+  assert all(float(jnp.max(jnp.abs(b))) > 0 for b in jax.tree.leaves(naive))  # every parameter, every head
+  chex.assert_trees_all_close(efficient, naive, atol=2e-6, rtol=1e-4)
 
 
 def temp_bytes(n, efficient, batch):
   config = MultiTokenConfig(trunk=tiny_bytelm_config(), mtp_heads=n)
-  graphdef, params = nnx.split(nnx.eval_shape(lambda: MultiTokenLM(config, rngs=nnx.Rngs(0))), nnx.Param)
+  graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(config, seed=0)), nnx.Param)
   grad = jax.grad(lambda p, b: multi_token_loss(nnx.merge(graphdef, p), b, memory_efficient=efficient)[0])
   return jax.jit(grad).lower(params, batch).compile().memory_analysis().temp_size_in_bytes
 
@@ -211,17 +212,22 @@ def test_config_validation_round_trip_and_flops():
   config = MultiTokenConfig(trunk=tiny_bytelm_config(), mtp_heads=3, mtp_variant="sequential",
                             mtp_loss_weights=[1, 0.5, 0.5])
   assert config.mtp_loss_weights == (1.0, 0.5, 0.5)
-  assert configs.from_dict(configs.to_dict(config)) == config
+  assert registry.config_from_dict(configs.to_dict(config)) == config
   assert MultiTokenConfig(mtp_heads=3, mtp_variant="sequential").loss_weights == (1.0, 0.15, 0.15)
   assert MultiTokenConfig(mtp_heads=3).loss_weights == (1.0, 1.0, 1.0)
 
-  from bytescale import flops
-  plain = flops.flops_per_byte(config.trunk, 64).forward
-  d, mlp = config.trunk.stack.d_model, config.trunk.stack.mlp_hidden
-  per_head = flops.stack_flops(config.head_stack, 64).forward
-  expected = plain + 3 * per_head + 2 * (2 * d * vocab.VOCAB_SIZE + 2 * 2 * d * d)
-  assert flops.flops_per_byte(config, 64).forward == pytest.approx(expected)
-  assert per_head > 2 * 3 * d * mlp
+  # Forward FLOPs per byte counted by hand over 64 bytes: every head is one block of the trunk's shape (Q, K, V, O
+  # projections, causal attention over (64 + 1) / 2 keys on average, a SwiGLU of three matrices) with its own
+  # unembedding; sequential heads 2..n add a (2d x d) projection each. Norms and embedding lookups are free.
+  s = config.trunk.stack
+  d, layers, n, t = s.d_model, s.num_layers, 3, 64
+  block = (2 * d * s.head_dim * (2 * s.num_heads + 2 * s.num_kv_heads) + 2 * 2 * s.num_heads * s.head_dim * (t + 1) / 2
+           + 2 * 3 * d * s.mlp_hidden)
+  unembed = 2 * d * vocab.VOCAB_SIZE
+  parallel = MultiTokenConfig(trunk=config.trunk, mtp_heads=n)
+  assert registry.flops_per_byte(parallel, t).forward == pytest.approx((layers + n) * block + n * unembed)
+  assert registry.flops_per_byte(config, t).forward == pytest.approx(
+      (layers + n) * block + n * unembed + (n - 1) * 2 * (2 * d) * d)
 
 
 def test_cli_set_mtp_heads_wraps_any_model():
@@ -236,7 +242,7 @@ def test_cli_set_mtp_heads_wraps_any_model():
   assert model_config.mtp_loss_weights == (1.0, 0.2, 0.2, 0.2)
   assert model_config.trunk.stack.num_layers == 3 and model_config.trunk.stack.d_model == 48
   assert train_config.warmup_steps == 3
-  megabyte = configs.get_preset("megabyte", "tiny")
+  megabyte = registry.get_preset("megabyte", "tiny")
   wrapped, _ = _apply_overrides(megabyte, configs.TrainConfig(), ["mtp_heads=2"])
   assert wrapped.trunk == megabyte and wrapped.head_stack.d_model == megabyte.local_stack.d_model
   with pytest.raises(ConfigError, match="mtp_heads"):
@@ -267,7 +273,7 @@ def test_cached_decode_equals_forward(jitted, rng):
 @pytest.mark.parametrize("model_name", ["megabyte", "blt"])
 def test_patch_models_with_heads(model_name, rng):
   """Heads on a patch model's byte-level (local decoder) states: loss = float64 reference, gradients = naive."""
-  trunk = configs.get_preset(model_name, "tiny")
+  trunk = registry.get_preset(model_name, "tiny")
   if model_name == "blt":
     trunk = configs.replace_path(trunk, "patcher", "space")
   jitted = Jitted(build("parallel", 3, trunk=trunk))
@@ -278,5 +284,4 @@ def test_patch_models_with_heads(model_name, rng):
   (loss, _), efficient = jitted.value_and_grad(jitted.params, batch, True)
   assert_close(loss, expected, atol=2e-4, rtol=1e-5)
   naive = jitted.value_and_grad(jitted.params, batch, False)[1]
-  for a, b in zip(jax.tree.leaves(efficient), jax.tree.leaves(naive)):
-    assert_close(a, b, atol=2e-6, rtol=1e-4)
+  chex.assert_trees_all_close(efficient, naive, atol=2e-6, rtol=1e-4)

@@ -21,7 +21,8 @@ import pytest
 
 from bytescale.kernels import flash_attention as fa
 from bytescale.kernels import patch_pool as pp
-from bytescale.ops.attention import attention_reference, segment_positions
+from bytescale.ops.attention import attention_reference
+from bytescale.ops.mask import AttentionMask, segment_positions
 from bytescale.ops.pooling import segment_pool_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Pallas Triton backend is deprecated")
@@ -83,11 +84,9 @@ def flash_fn(case, backend, **kw):
   causal, window, segments = case[5:]
 
   def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
-    return fa.flash_attention(
-        q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos,
-        q_segment_ids_BxT=q_seg if segments else None, kv_segment_ids_BxS=kv_seg if segments else None,
-        causal=causal, window=window, backend=backend, **kw,
-    )
+    mask = AttentionMask(q_pos, kv_pos, q_seg if segments else None, kv_seg if segments else None, causal=causal,
+                         window=window)
+    return fa.flash_attention(q, k, v, mask, backend=backend, **kw)
 
   def grads(q, k, v, *meta):
     loss = lambda q, k, v: jnp.sum(attend(q, k, v, *meta).astype(jnp.float32))
@@ -150,8 +149,7 @@ def test_block_visits_and_poisoned_outputs_lower(platform):
   """The test-only variants: the visit-count output and the NaN-aliased outputs have their own specs."""
   backend = TARGETS[platform][0]
   args = flash_args(FLASH_CASES["causal_mha"], 64, jnp.float32)
-  visits = lambda q, k, v, q_pos, kv_pos, *_: fa.block_visits(
-      q, k, v, q_positions_BxT=q_pos, kv_positions_BxS=kv_pos, backend=backend)[1]
+  visits = lambda q, k, v, q_pos, kv_pos, *_: fa.block_visits(q, k, v, AttentionMask(q_pos, kv_pos), backend=backend)[1]
   assert_kernels(lowered_kernels(visits, args, platform), platform, ["bytescale_flash_fwd"])
   with fa.poison_outputs():
     _, grads = flash_fn(FLASH_CASES["causal_mha"], backend)
@@ -295,14 +293,14 @@ def test_accelerator_configs_match_reference_in_interpret_mode(backend, rng):
   q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) for n in (h, g, g))
   seg = jnp.asarray(np.repeat([1, 2, 3], [60, 70, 20])[None], jnp.int32)
   pos = segment_positions(seg)
-  kw = dict(q_positions_BxT=pos, kv_positions_BxS=pos, q_segment_ids_BxT=seg, kv_segment_ids_BxS=seg, window=40)
+  mask = AttentionMask.self_attention(pos, seg, window=40)
   w = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
-  kernel = lambda q, k, v: jnp.sum(fa.flash_attention(q, k, v, backend=backend, interpret=True, **kw) * w)
-  reference = lambda q, k, v: jnp.sum(attention_reference(q, k, v, **kw) * w)
+  kernel = lambda q, k, v: jnp.sum(fa.flash_attention(q, k, v, mask, backend=backend, interpret=True) * w)
+  reference = lambda q, k, v: jnp.sum(attention_reference(q, k, v, mask) * w)
   for got, want in zip(jax.grad(kernel, (0, 1, 2))(q, k, v), jax.grad(reference, (0, 1, 2))(q, k, v)):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-4)
   # The visit counter (its own output spec) counts exactly the kv blocks the block table marks.
-  table, visits = fa.block_visits(q, k, v, backend=backend, interpret=True, **kw)
+  table, visits = fa.block_visits(q, k, v, mask, backend=backend, interpret=True)
   want_visits = np.broadcast_to(np.asarray(table).sum(-1)[:, None], (b, h, table.shape[1]))
   np.testing.assert_array_equal(np.asarray(visits), want_visits)
 

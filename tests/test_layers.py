@@ -21,7 +21,7 @@ def test_rms_norm_matches_numpy(rng):
 def test_swiglu_matches_numpy(rng):
   x = rng.normal(size=(2, 3, 8)).astype(np.float32)
   mlp = SwiGLU(8, 12, rngs=nnx.Rngs(1))
-  g, u, d = (np.asarray(w[...], np.float64) for w in (mlp.w_gate_DxF, mlp.w_up_DxF, mlp.w_down_FxD))
+  g, u, d = (np.asarray(w[...], np.float64) for w in (mlp.w_gate, mlp.w_up, mlp.w_down))
   a = x @ g
   expected = ((a / (1 + np.exp(-a))) * (x @ u)) @ d
   assert_close(mlp(x), expected, atol=1e-5)
@@ -41,3 +41,12 @@ def test_rope_half_split_matches_numpy(rng):
       expected[0, t, :, i] = a * c - b * s
       expected[0, t, :, i + 4] = b * c + a * s
   assert_close(out, expected, atol=1e-5)
+
+
+def test_every_remat_name_has_a_policy():
+  """``configs.REMAT_POLICY_NAMES`` (what configs accept) and ``nn.transformer.REMAT_POLICIES`` (what each saves)
+  name the same policies; "none" means no remat."""
+  from bytescale.configs import REMAT_POLICY_NAMES
+  from bytescale.nn.transformer import REMAT_POLICIES
+
+  assert {"none", *REMAT_POLICIES} == set(REMAT_POLICY_NAMES)

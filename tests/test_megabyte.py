@@ -12,6 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
+from bytescale.models import registry
 from bytescale import configs, vocab
 from bytescale.configs import ConfigError, TransformerConfig
 from bytescale.generate import SamplingConfig, generate, prefill
@@ -121,27 +122,27 @@ def paper_reference_logits(model, ids_1xT):
   j = num_local_positions(t, p)
   k = j // p
   z = jnp.pad(ids_1xT[0], (0, j - t), constant_values=vocab.PAD)
-  table = model.global_embed.table_VxD[...]
-  byte_vectors = table[z] + model.global_pos_SxD[...][np.arange(j)]
+  table = model.global_embed.table[...]
+  byte_vectors = table[z] + model.global_pos[...][np.arange(j)]
   patches = byte_vectors.reshape(k, p * d_g)
-  global_in = jnp.concatenate([model.pad_patch_PxD[...].reshape(1, p * d_g), patches[:-1]])  # the one-patch shift
+  global_in = jnp.concatenate([model.pad_patch[...].reshape(1, p * d_g), patches[:-1]])  # the one-patch shift
   global_out = model.global_stack(global_in[None], jnp.arange(k)[None], jnp.ones((1, k), jnp.int32))[0]
   normed = _rms(global_out, model.global_norm.scale[...], c.global_stack.norm_eps)
-  context = normed.reshape(k, p, d_g) @ model.w_gl_GxL[...]
-  local_table = model.local_embed.table_VxD[...]
+  context = normed.reshape(k, p, d_g) @ model.w_gl[...]
+  local_table = model.local_embed.table[...]
   layers = nnx.state(model.local_stack.blocks, nnx.Param)
   lc = c.local_stack
   outputs = []
   for patch in range(k):
-    previous = [model.local_pad_D[...]] + [local_table[z[patch * p + i - 1]] for i in range(1, p)]
+    previous = [model.local_pad[...]] + [local_table[z[patch * p + i - 1]] for i in range(1, p)]
     x = context[patch] + jnp.stack(previous)
     positions = jnp.arange(p)[None]  # in-patch positions: RoPE is relative, so this equals any offset
     for layer in range(lc.num_layers):
       w = jax.tree.map(lambda a, layer=layer: a[layer], layers)
       h = _rms(x, w["attention_norm"]["scale"][...], lc.norm_eps)
-      q = jnp.einsum("pd,dhk->phk", h, w["wq_DxHxK"][...])
-      key = jnp.einsum("pd,dgk->pgk", h, w["wk_DxGxK"][...])
-      value = jnp.einsum("pd,dgk->pgk", h, w["wv_DxGxK"][...])
+      q = jnp.einsum("pd,dhk->phk", h, w["attention"]["wq"][...])
+      key = jnp.einsum("pd,dgk->pgk", h, w["attention"]["wk"][...])
+      value = jnp.einsum("pd,dgk->pgk", h, w["attention"]["wv"][...])
       q = rope.rotate(q[None], positions, lc.rope)[0]
       key = rope.rotate(key[None], positions, lc.rope)[0]
       repeat = lc.num_heads // lc.num_kv_heads
@@ -149,13 +150,13 @@ def paper_reference_logits(model, ids_1xT):
       scores = jnp.einsum("qhk,shk->hqs", q, key) / np.sqrt(lc.head_dim)
       scores = jnp.where(np.tril(np.ones((p, p), bool)), scores, -jnp.inf)
       attended = jnp.einsum("hqs,shk->qhk", jax.nn.softmax(scores, axis=-1), value)
-      x = x + jnp.einsum("qhk,hkd->qd", attended, w["wo_HxKxD"][...])
+      x = x + jnp.einsum("qhk,hkd->qd", attended, w["attention"]["wo"][...])
       h = _rms(x, w["mlp_norm"]["scale"][...], lc.norm_eps)
-      gate, up = h @ w["mlp"]["w_gate_DxF"][...], h @ w["mlp"]["w_up_DxF"][...]
-      x = x + (jax.nn.silu(gate) * up) @ w["mlp"]["w_down_FxD"][...]
+      gate, up = h @ w["mlp"]["w_gate"][...], h @ w["mlp"]["w_up"][...]
+      x = x + (jax.nn.silu(gate) * up) @ w["mlp"]["w_down"][...]
     outputs.append(x)
   hidden = jnp.concatenate(outputs)
-  logits = _rms(hidden, model.final_norm.scale[...], lc.norm_eps) @ model.unembed_DxV[...]
+  logits = _rms(hidden, model.final_norm.scale[...], lc.norm_eps) @ model.unembedding[...]
   return logits[1:t + 1]
 
 
@@ -202,8 +203,8 @@ def test_the_global_model_sees_only_earlier_patches(rng):
   so byte i reaches exactly the outputs of later patches (local position t + 1 in patch k with kP > i), never
   the outputs of its own patch, not even those after it."""
   model = MegaByte(tiny_megabyte_config(), rngs=nnx.Rngs(2))
-  model.local_embed.table_VxD[...] = jnp.zeros_like(model.local_embed.table_VxD[...])
-  model.local_pad_D[...] = jnp.zeros_like(model.local_pad_D[...])
+  model.local_embed.table[...] = jnp.zeros_like(model.local_embed.table[...])
+  model.local_pad[...] = jnp.zeros_like(model.local_pad[...])
   forward = jitted_forward(model)
   p, t = 4, WIDTH
   ids = random_ids(rng, 1, t)
@@ -356,7 +357,7 @@ def test_cross_patch_attention_sees_exactly_r_positions_of_the_previous_patch(rn
     config = tiny_megabyte_config(p, cross_patch_r=r)
     config = dataclasses.replace(config, local_stack=dataclasses.replace(config.local_stack, num_layers=1))
     model = MegaByte(config, rngs=nnx.Rngs(4))
-    model.w_gl_GxL[...] = jnp.zeros_like(model.w_gl_GxL[...])
+    model.w_gl[...] = jnp.zeros_like(model.w_gl[...])
     forward = jitted_forward(model)
     base = np.asarray(forward(ids, seg))[0, patch_outputs]
     for byte in range(k * p - 4, k * p - 1):  # bytes kP-4 .. kP-2: inputs of local positions kP-3 .. kP-1
@@ -388,13 +389,13 @@ def test_per_position_projection_generalises_the_shared_one(rng):
   per_position = MegaByte(tiny_megabyte_config(per_position_projection=True), rngs=nnx.Rngs(6))
   for name in ("global_embed", "global_stack", "global_norm", "local_embed", "local_stack", "final_norm"):
     nnx.update(getattr(per_position, name), nnx.state(getattr(shared, name)))
-  for name in ("global_pos_SxD", "pad_patch_PxD", "local_pad_D", "unembed_DxV"):
+  for name in ("global_pos", "pad_patch", "local_pad", "unembedding"):
     getattr(per_position, name)[...] = getattr(shared, name)[...]
   ids = random_ids(rng, 2, 10)
-  per_position.w_gl_PxGxL[...] = jnp.broadcast_to(shared.w_gl_GxL[...], per_position.w_gl_PxGxL.shape)
+  per_position.w_gl[...] = jnp.broadcast_to(shared.w_gl[...], per_position.w_gl.shape)
   expected = jitted_forward(shared)(ids)
   assert_close(jitted_forward(per_position)(ids), expected, atol=1e-5)
-  per_position.w_gl_PxGxL[...] = per_position.w_gl_PxGxL[...].at[1].multiply(-1.0)
+  per_position.w_gl[...] = per_position.w_gl[...].at[1].multiply(-1.0)
   assert not np.allclose(jitted_forward(per_position)(ids), expected, atol=1e-3)
 
 
@@ -403,7 +404,7 @@ def test_local_position_embedding_is_added_per_in_patch_position(rng):
   model = MegaByte(tiny_megabyte_config(**OPTIONS["per_position_and_local_pos"]), rngs=nnx.Rngs(7))
   ids = random_ids(rng, 1, WIDTH)
   base = np.asarray(jitted_forward(model)(ids))
-  model.local_pos_PxD[...] = model.local_pos_PxD[...].at[2].add(1.0)
+  model.local_pos[...] = model.local_pos[...].at[2].add(1.0)
   out = np.asarray(jitted_forward(model)(ids))
   in_patch = (np.arange(WIDTH) + 1) % 4
   np.testing.assert_array_equal(out[0, in_patch < 2], base[0, in_patch < 2])
@@ -503,11 +504,11 @@ def test_presets_and_serialisation():
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
 
   assert 20e6 < count(PRESETS["small"]) < 30e6
-  paper = configs.get_preset("megabyte", "paper")
+  paper = registry.get_preset("megabyte", "paper")
   assert (paper.global_stack.d_model, paper.global_stack.num_layers, paper.d_global_embed) == (2048, 14, 256)
   assert (paper.local_stack.d_model, paper.local_stack.num_layers, paper.patch_size, paper.max_seq_len) == (
       1024, 18, 8, 8192)
   for preset in ("tiny", "small", "paper"):
-    config = configs.get_preset("megabyte", preset)
-    assert configs.from_dict(json.loads(json.dumps(configs.to_dict(config)))) == config
+    config = registry.get_preset("megabyte", preset)
+    assert registry.config_from_dict(json.loads(json.dumps(configs.to_dict(config)))) == config
   assert configs.replace_path(PRESETS["tiny"], "global_stack.num_layers", "3").global_stack.num_layers == 3

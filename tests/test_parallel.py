@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -296,3 +297,44 @@ def test_megabyte_and_blt_on_every_layout(tmp_path):
 
 def test_layouts_cover_the_issue():
   assert set(LAYOUTS) == {case.split("/")[1] for case in QUICK_CASES} == {case.split("/")[1] for case in SLOW_CASES}
+  # The --mesh string the worker runs each layout with builds, on its 8 devices, the mesh the expectations assume.
+  for layout, spec in LAYOUTS.items():
+    assert parallel.mesh_axis_sizes(parallel.MeshConfig.parse(spec), 8) == MESH_SIZES[layout], layout
+
+
+# Per layout, what one device holds, written out by hand: the bytelm test model's MLP up-projection (layers 2, embed
+# 32, mlp 64), its query projection (layers 2, embed 32, heads 8, head_dim 4) and a batch of 8 rows of 32 bytes.
+SHARD_SHAPES = {
+    "dp": {"w_up": (2, 32, 64), "wq": (2, 32, 8, 4), "batch": (1, 32)},
+    "fsdp": {"w_up": (2, 4, 64), "wq": (2, 4, 8, 4), "batch": (1, 32)},
+    "tp": {"w_up": (2, 32, 16), "wq": (2, 32, 2, 4), "batch": (4, 32)},
+    "dp_fsdp_tp": {"w_up": (2, 16, 32), "wq": (2, 16, 4, 4), "batch": (2, 32)},
+}
+
+
+def named_leaf(tree, name):
+  """The one array (or sharding) in ``tree`` of the parameter called ``name`` (or ``name`` and a shape suffix)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+  found = [leaf for path, leaf in leaves if re.fullmatch(rf"{name}(_[A-Zx]+)?", str(getattr(path[-1], "key", "")))]
+  assert len(found) == 1, (name, [jax.tree_util.keystr(path) for path, _ in leaves])
+  return found[0].get_value() if isinstance(found[0], nnx.Variable) else found[0]
+
+
+@pytest.mark.parametrize("layout", list(SHARD_SHAPES))
+def test_the_shardings_built_for_a_mesh_hold_the_expected_shards(layout):
+  """The ``NamedSharding``s ``tree_shardings``/``batch_sharding`` build on an (abstract, explicit) mesh of each layout:
+  the per-device shard shapes, and the array types ``jax.sharding.reshard`` gives the parameters under that mesh."""
+  sizes = MESH_SIZES[layout]
+  mesh = AbstractMesh(tuple(sizes.values()), tuple(sizes), axis_types=(AxisType.Explicit,) * len(sizes))
+  params = nnx.split(nnx.eval_shape(lambda: build_model(model_config("bytelm"))), nnx.Param, ...)[1]
+  shardings = parallel.tree_shardings(params, mesh)
+  expected = SHARD_SHAPES[layout]
+  assert named_leaf(shardings, "w_up").shard_shape((2, 32, 64)) == expected["w_up"]
+  assert named_leaf(shardings, "wq").shard_shape((2, 32, 8, 4)) == expected["wq"]
+  assert parallel.batch_sharding(mesh, (8, 32)).shard_shape((8, 32)) == expected["batch"]
+  specs = parallel.tree_specs(params, mesh)
+  with jax.sharding.use_abstract_mesh(mesh):
+    typed = jax.eval_shape(lambda p: jax.tree.map(jax.sharding.reshard, p, specs), params)
+  for name in ("w_up", "wq"):
+    array = named_leaf(typed, name)
+    assert array.sharding.shard_shape(array.shape) == expected[name], (layout, name)

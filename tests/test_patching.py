@@ -108,8 +108,8 @@ def test_patcher_matches_brute_force(config, max_patches, rng):
                                                                entropies[row].tolist(), max_patches)
     np.testing.assert_array_equal(np.asarray(got.starts_BxT[row]), starts)
     np.testing.assert_array_equal(np.asarray(got.patch_ids_BxT[row]), patch_ids)
-    np.testing.assert_array_equal(np.asarray(got.lengths_BxK[row]), lengths)
-    np.testing.assert_array_equal(np.asarray(got.valid_BxK[row]), np.array(lengths) > 0)
+    np.testing.assert_array_equal(np.asarray(got.lengths_BxM[row]), lengths)
+    np.testing.assert_array_equal(np.asarray(got.valid_BxM[row]), np.array(lengths) > 0)
     assert int(got.overflow_bytes_B[row]) == overflow
     # No byte is ever dropped: every real byte belongs to exactly one patch.
     assert sum(lengths) == int((segs[row] != 0).sum())
@@ -118,9 +118,9 @@ def test_patcher_matches_brute_force(config, max_patches, rng):
 def test_worked_example_from_the_reference():
   h = jnp.asarray([[3.0, 0.5, 2.0, 0.1, 0.2, 1.9, 0.3, 0.3, 0.3, 2.5]])
   p = patching.entropy(h, threshold=BLT_THRESHOLD, max_patches=10)
-  assert np.asarray(p.lengths_BxK[0][p.valid_BxK[0]]).tolist() == [1, 2, 3, 4]
+  assert np.asarray(p.lengths_BxM[0][p.valid_BxM[0]]).tolist() == [1, 2, 3, 4]
   with_next = patching.entropy(h, threshold=BLT_THRESHOLD, max_patches=11, include_next=True)
-  assert np.asarray(with_next.lengths_BxK[0][with_next.valid_BxK[0]]).tolist() == [1, 2, 3, 4, 1]
+  assert np.asarray(with_next.lengths_BxM[0][with_next.valid_BxM[0]]).tolist() == [1, 2, 3, 4, 1]
   assert bool(patching.next_byte_opens_patch(PatchingConfig("entropy"), jnp.zeros((1, 10), jnp.int32),
                                              entropies_BxT=h)[0])
 
@@ -178,7 +178,7 @@ def test_space_rule_on_text():
   text = b"Hello,  world! 12 ab\xc3\xa9c."
   ids = jnp.asarray([list(text)])
   p = patching.space(ids, max_patches=len(text))
-  lengths = np.asarray(p.lengths_BxK[0][p.valid_BxK[0]]).tolist()
+  lengths = np.asarray(p.lengths_BxM[0][p.valid_BxM[0]]).tolist()
   pieces, start = [], 0
   for n in lengths:
     pieces.append(text[start:start + n])
@@ -189,7 +189,7 @@ def test_space_rule_on_text():
 
 def test_overflow_merges_into_the_last_patch_and_counts():
   p = patching.strided(jnp.zeros((1, 10), jnp.int32), stride=1, max_patches=4)
-  assert np.asarray(p.lengths_BxK[0]).tolist() == [1, 1, 1, 7]
+  assert np.asarray(p.lengths_BxM[0]).tolist() == [1, 1, 1, 7]
   assert int(p.overflow_bytes_B[0]) == 6
   assert np.asarray(p.patch_ids_BxT[0]).tolist() == [0, 1, 2, 3, 3, 3, 3, 3, 3, 3]
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from bytescale.models import registry
 from bytescale import configs
 from bytescale.models import ByteLM
 from bytescale.ops import rope
@@ -163,7 +164,7 @@ def test_rope_paths_and_loading_an_hf_rope_scaling_file(tmp_path):
 
 
 def test_set_overrides_reach_the_rope_fields_by_bare_name():
-  config = configs.get_preset("bytelm", "tiny")
+  config = registry.get_preset("bytelm", "tiny")
   # Fields a method needs go first: each --set validates the config it produces.
   for key, value in (("original_max_position_embeddings", "256"), ("factor", "4"), ("rope_type", "yarn"),
                      ("stack.rope.beta_fast", "16")):

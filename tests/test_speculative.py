@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from bytescale.models.registry import build_model
+from bytescale.models import registry
 from bytescale import configs, vocab
 from bytescale.data.pipeline import ByteCorpus, DataConfig
-from bytescale.generate import allowed_logits
-from bytescale.heads import MultiTokenConfig, MultiTokenLM
+from bytescale.ops.sampling import allowed_logits
+from bytescale.models.mtp import MultiTokenConfig
 from bytescale.speculative import accepted_lengths, greedy_tokens, speculative_generate
 from bytescale.train.metrics import read_jsonl
 from tests.conftest import tiny_bytelm_config
@@ -23,7 +25,7 @@ PROMPTS = [b"def f3(x):\n", b"\x01\xfe garbage \x00", b"def"]  # in and out of d
 
 def build(variant, n=4, trunk=None, seed=0):
   config = MultiTokenConfig(trunk=trunk or tiny_bytelm_config(), mtp_heads=n, mtp_variant=variant)
-  return MultiTokenLM(config, rngs=nnx.Rngs(seed))
+  return build_model(config, seed=seed)
 
 
 def test_accepted_lengths_brute_force(rng):
@@ -90,10 +92,43 @@ def assert_identical(model, prompts, max_new):
   return result
 
 
+def simulated_forwards(model, prompts, tokens_BxM):
+  """Forwards per row that speculative decoding with parallel heads must run to emit ``tokens_BxM`` (the greedy
+  bytes), simulated here: the prefill gives the first byte; each step then accepts the block's known byte and the
+  drafts after it while they equal the greedy bytes, draft k being head k's greedy byte at the last confirmed
+  position of a teacher-forced full forward over ``[BOS] + prompt + greedy bytes``."""
+  assert model.config.mtp_variant == "parallel"  # sequential drafts read earlier drafts, not the greedy bytes
+  n, max_new = model.config.mtp_heads, tokens_BxM.shape[1]
+  rows = [[vocab.BOS, *prompt, *row] for prompt, row in zip(prompts, np.asarray(tokens_BxM).tolist())]
+  ids = np.full((len(rows), max(map(len, rows))), vocab.PAD, np.int32)
+  segments = np.zeros_like(ids)
+  for r, row in enumerate(rows):
+    ids[r, :len(row)], segments[r, :len(row)] = row, 1
+  graphdef, params = nnx.split(model)
+  logits = jax.jit(lambda p, x, s: nnx.merge(graphdef, p).all_head_logits(x, s))(params, ids, segments)
+  heads_NxBxT = np.asarray(jnp.argmax(allowed_logits(logits.reshape(-1, logits.shape[-1])), -1)).reshape(
+      logits.shape[:-1])
+  forwards = []
+  for r, prompt in enumerate(prompts):
+    emitted, steps = 1, 1
+    while emitted < max_new:
+      last = len(prompt) + emitted - 1  # the position before the block's known byte (greedy byte emitted - 1)
+      accepted = 1
+      while (accepted < n and emitted + accepted - 1 < max_new
+             and heads_NxBxT[accepted, r, last] == tokens_BxM[r, emitted + accepted - 1]):
+        accepted += 1
+      emitted, steps = emitted + accepted, steps + 1
+    forwards.append(steps)
+  return forwards
+
+
 def test_random_weights_identical_to_greedy():
   # Sequential heads and patch-model trunks: test_models_identical_to_greedy (slow).
-  result = assert_identical(build("parallel", seed=3), PROMPTS, 64)  # the trained model's shapes: compiled once
+  model = build("parallel", seed=3)
+  result = assert_identical(model, PROMPTS, 64)  # the trained model's shapes: compiled once
   assert result.tokens.shape == (3, 64) and (result.forwards <= 64).all()
+  assert result.forwards.tolist() == simulated_forwards(model, PROMPTS, result.tokens)
+  assert result.steps == result.forwards.max() - 1  # the batch steps until its slowest row is done
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +156,8 @@ def test_trained_heads_train_and_decode_identically(trained):
   assert single.bytes_per_forward > 1.5  # drafts are accepted on text the model knows
   ragged = assert_identical(result.model, PROMPTS, 64)
   assert len(set(ragged.forwards.tolist())) > 1  # rows accepted different numbers of bytes per step
+  assert ragged.forwards.tolist() == simulated_forwards(result.model, PROMPTS, ragged.tokens)
+  assert single.forwards.tolist() == simulated_forwards(result.model, PROMPTS[:1], single.tokens)
 
 
 def test_cli_generate_speculative(trained, capsys):
@@ -142,7 +179,7 @@ def test_cli_generate_speculative(trained, capsys):
 @pytest.mark.parametrize("variant", ["parallel", "sequential"])
 def test_models_identical_to_greedy(model_name, variant):
   """Random weights, every trunk (heads on MegaByte's local model and BLT's local decoder), both variants."""
-  trunk = tiny_bytelm_config() if model_name == "bytelm" else configs.get_preset(model_name, "tiny")
+  trunk = tiny_bytelm_config() if model_name == "bytelm" else registry.get_preset(model_name, "tiny")
   if model_name == "blt":
     trunk = configs.replace_path(trunk, "patcher", "space")
   assert_identical(build(variant, 3, trunk=trunk, seed=4), PROMPTS, 24)

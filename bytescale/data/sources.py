@@ -26,83 +26,24 @@ without a traceback.
 
 from __future__ import annotations
 
-import glob
-import os
 import pathlib
 import sysconfig
 from collections.abc import Iterable, Iterator
 
+from bytescale.data.files import DataError, files_under, first_line, resolve_files  # noqa: F401 (re-exported)
+
 STDLIB_SOURCE = "stdlib"
 TFDS_PREFIX = "tfds:"
 TFDS_SPLIT = "train"
-_GLOB_CHARACTERS = frozenset("*?[")
 _SKIPPED_STDLIB_DIRECTORIES = frozenset({"site-packages", "dist-packages", "__pycache__"})
 # Examples fetched per read from a tfds data source; batching reads is much faster than one at a time.
 _TFDS_READ_CHUNK = 1024
 
 
-class DataError(ValueError):
-  """Bad data input; the message is one line meant for the user (no traceback needed)."""
-
-  def __init__(self, message: str):
-    super().__init__(_one_line(message))
-
-
-def _one_line(text: str) -> str:
-  """Collapses ``text`` to one line so error messages stay printable as a single line."""
-  return " ".join(str(text).split())
-
-
-def _first_line(error: BaseException) -> str:
-  lines = [line for line in str(error).splitlines() if line.strip()]
-  return lines[0].strip() if lines else type(error).__name__
-
-
-def has_glob_characters(spec: str) -> bool:
-  return any(character in _GLOB_CHARACTERS for character in spec)
-
-
-def _files_under(directory: pathlib.Path, *, suffix: str | None = None,
-                 skipped_directories: frozenset[str] = frozenset()) -> list[pathlib.Path]:
-  """Regular files below ``directory``, sorted by their path relative to it (stable across machines)."""
-  found = []
-  for parent, child_directories, file_names in os.walk(directory):
-    child_directories[:] = [name for name in child_directories if name not in skipped_directories]
-    for file_name in file_names:
-      if suffix is not None and not file_name.endswith(suffix):
-        continue
-      path = pathlib.Path(parent, file_name)
-      if path.is_file():
-        found.append(path)
-  return sorted(found, key=lambda path: path.relative_to(directory).parts)
-
-
-def resolve_files(spec: str) -> list[pathlib.Path]:
-  """The files a path / directory / glob spec names, in document order. Raises DataError if there are none."""
-  path = pathlib.Path(spec).expanduser()
-  if path.exists():
-    if path.is_dir():
-      files = _files_under(path)
-      if not files:
-        raise DataError(f"directory {spec!r} contains no files; point the source at a directory with text files")
-      return files
-    if not path.is_file():
-      raise DataError(f"{spec!r} is not a regular file or directory")
-    return [path]
-  if has_glob_characters(spec):
-    matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
-    files = [pathlib.Path(match) for match in matches if os.path.isfile(match)]
-    if not files:
-      raise DataError(f"glob pattern {spec!r} matches no files")
-    return files
-  raise DataError(f"no such file or directory: {spec!r} (sources are a path, a glob, 'stdlib' or "
-                  f"'tfds:NAME:FEATURE')")
-
-
 def stdlib_files() -> list[pathlib.Path]:
   """The ``.py`` files of the running interpreter's standard library, sorted, without site-packages."""
   root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-  files = _files_under(root, suffix=".py", skipped_directories=_SKIPPED_STDLIB_DIRECTORIES)
+  files = files_under(root, suffix=".py", skipped_directories=_SKIPPED_STDLIB_DIRECTORIES)
   if not files:
     raise DataError(f"no .py files found under the standard library at {str(root)!r}; use another source")
   return files
@@ -126,7 +67,7 @@ def _read_files(files: list[pathlib.Path]) -> Iterator[bytes]:
     try:
       yield path.read_bytes()
     except OSError as error:
-      raise DataError(f"cannot read {str(path)!r}: {error.strerror or _first_line(error)}") from error
+      raise DataError(f"cannot read {str(path)!r}: {error.strerror or first_line(error)}") from error
 
 
 def _parse_tfds_spec(spec: str) -> tuple[str, str]:
@@ -149,7 +90,7 @@ def _tfds_documents(spec: str, *, data_dir: str | None, max_bytes: int | None) -
   try:
     builder = tfds.builder(dataset_name, data_dir=data_dir)
   except Exception as error:  # tfds raises many types (unknown name, bad config or version); all mean "no such".
-    raise DataError(f"unknown tfds dataset {dataset_name!r}: {_first_line(error)}") from error
+    raise DataError(f"unknown tfds dataset {dataset_name!r}: {first_line(error)}") from error
   # Never download or generate here: a dataset must be prepared first (see bytescale.data.tfds_builder).
   if not builder.is_prepared():
     raise DataError(f"tfds dataset {dataset_name!r} is not prepared in {where}; prepare it first or pass the "
@@ -158,7 +99,7 @@ def _tfds_documents(spec: str, *, data_dir: str | None, max_bytes: int | None) -
     source = builder.as_data_source(split=TFDS_SPLIT)
   except Exception as error:
     raise DataError(f"cannot read split {TFDS_SPLIT!r} of tfds dataset {dataset_name!r} in {where}: "
-                    f"{_first_line(error)}") from error
+                    f"{first_line(error)}") from error
   feature_names = sorted(source.dataset_info.features.keys())
   if feature not in feature_names:
     raise DataError(f"tfds dataset {dataset_name!r} has no feature {feature!r}; its features are "

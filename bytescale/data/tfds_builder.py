@@ -29,7 +29,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from tensorflow_datasets.core.utils import tqdm_utils
 
-from bytescale.data.sources import DataError, resolve_files
+from bytescale.data.files import DataError, resolve_files
 
 DATASET_NAME = "bytescale_text_files"
 TEXT_FEATURE = "text"

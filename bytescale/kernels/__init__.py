@@ -1,8 +1,13 @@
 """Pallas kernels (and the cuDNN attention wrapper), each beside the jnp reference it must match.
 
-* ``flash_attention.flash_attention`` -- fused attention (``bytescale.ops.attention`` semantics), Pallas fwd/bwd.
+* ``flash_attention.flash_attention`` -- fused attention ``(q, k, v, mask)`` (``bytescale.ops.mask.AttentionMask``
+  semantics), Pallas fwd/bwd.
 * ``cudnn_attention.cudnn_attention`` -- the same call mapped onto ``jax.nn.dot_product_attention`` cuDNN.
 * ``patch_pool.patch_pool`` -- segment (patch) pooling, used by ``bytescale.ops.pooling.segment_pool``.
+* ``common`` -- the Pallas plumbing they share (interpret mode, table specs, compiler params).
+
+The attention kernels import ``bytescale.ops.mask`` (a leaf), never ``bytescale.ops.attention``, which imports
+them lazily to dispatch ``impl``.
 
 Submodules are imported explicitly (``from bytescale.kernels import flash_attention``) so that importing the
 package does not import Pallas; names are not re-exported here because they equal the module names.
@@ -18,7 +23,7 @@ queries (Triton: compute capability; Mosaic: TPU generation)::
   # GPU: AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"), backend="gpu"
   with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
     fn = lambda q, k, v, pos: flash_attention.flash_attention(
-        q, k, v, q_positions_BxT=pos, kv_positions_BxS=pos, backend="tpu")
+        q, k, v, AttentionMask.self_attention(pos), backend="tpu")
     text = jax.jit(fn).trace(*shape_dtype_structs).lower(lowering_platforms=("tpu",)).as_text()  # or "cuda"
 """
 

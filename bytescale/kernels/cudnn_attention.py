@@ -1,7 +1,7 @@
 """cuDNN flash attention through ``jax.nn.dot_product_attention(implementation="cudnn")``.
 
-Same signature and semantics as ``attention_reference`` for the masks cuDNN can express, and a clear error for
-the rest -- a mask is never silently dropped:
+Same call ``(q, k, v, mask)`` and semantics as ``attention_reference`` for the masks cuDNN can express, and a
+clear error for the rest -- a mask is never silently dropped:
 
 * ``causal`` -> ``is_causal`` (cuDNN's causal mask is on indices, top-left aligned);
 * causal ``window`` -> ``local_window_size=(window - 1, 0)``; a non-causal window needs a right window, which
@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from bytescale.ops.attention import _check_shapes
+from bytescale.ops.mask import AttentionMask, check_shapes
 
 
 def cudnn_available() -> bool:
@@ -41,20 +41,15 @@ def _prefix_layout(seg_BxN, other_id_Bx1=None):
   return jnp.all(seg_BxN == expected, axis=1), length, seg_id
 
 
-def cudnn_mask_plan(
-    q_positions_BxT,
-    kv_positions_BxS,
-    q_segment_ids_BxT=None,
-    kv_segment_ids_BxS=None,
-    *,
-    causal: bool = True,
-    window: int | None = None,
-):
+def cudnn_mask_plan(mask: AttentionMask):
   """How the mask maps onto cuDNN's arguments (backend independent, so it is testable on CPU).
 
   Returns ``dict(ok_B, q_len_B, kv_len_B, q_valid_BxT)``; ``ok_B`` is False for rows cuDNN would get wrong.
   Raises ``NotImplementedError`` for what is never expressible, and for failing rows when arrays are concrete.
   """
+  causal, window = mask.causal, mask.window
+  q_positions_BxT, kv_positions_BxS = mask.q_positions_BxT, mask.kv_positions_BxS
+  q_segment_ids_BxT, kv_segment_ids_BxS = mask.q_segment_ids_BxT, mask.kv_segment_ids_BxS
   if window is not None and not causal:
     raise NotImplementedError("cuDNN cannot express a non-causal (two-sided) window; use impl='pallas'")
   if window is not None and window < 1:
@@ -104,13 +99,8 @@ def cudnn_attention(
     q_BxTxHxK,
     k_BxSxGxK,
     v_BxSxGxK,
+    mask: AttentionMask,
     *,
-    q_positions_BxT,
-    kv_positions_BxS,
-    q_segment_ids_BxT=None,
-    kv_segment_ids_BxS=None,
-    causal: bool = True,
-    window: int | None = None,
     scale: float | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
@@ -126,22 +116,20 @@ def cudnn_attention(
         f"cudnn_attention needs an NVIDIA GPU with cuDNN; the default backend is {jax.default_backend()!r}. "
         "Use impl='xla' or impl='pallas' instead."
     )
-  _check_shapes(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
+  check_shapes(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask)
   if q_BxTxHxK.dtype not in (jnp.bfloat16, jnp.float16):
     raise NotImplementedError(f"cuDNN flash attention supports float16/bfloat16, got {q_BxTxHxK.dtype}")
-  plan = cudnn_mask_plan(
-      q_positions_BxT, kv_positions_BxS, q_segment_ids_BxT, kv_segment_ids_BxS, causal=causal, window=window
-  )
+  plan = cudnn_mask_plan(mask)
   ok_B, q_len, kv_len, q_valid_BxT = plan["ok_B"], plan["q_len_B"], plan["kv_len_B"], plan["q_valid_BxT"]
   out = jax.nn.dot_product_attention(
       q_BxTxHxK,
       k_BxSxGxK,
       v_BxSxGxK,
       scale=scale,
-      is_causal=causal,
+      is_causal=mask.causal,
       query_seq_lengths=q_len,
       key_value_seq_lengths=kv_len,
-      local_window_size=None if window is None else (window - 1, 0),
+      local_window_size=None if mask.window is None else (mask.window - 1, 0),
       implementation="cudnn",
   )
   if kv_len is not None:

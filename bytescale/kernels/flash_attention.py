@@ -1,6 +1,7 @@
 """Flash attention in Pallas: online-softmax forward, Pallas dq and dk/dv backward, block skipping.
 
-Semantics are exactly those of :func:`bytescale.ops.attention.attention_reference` (positions + segment ids;
+Called as ``flash_attention(q, k, v, mask)`` with an :class:`bytescale.ops.mask.AttentionMask`. Semantics are
+exactly those of :func:`bytescale.ops.attention.attention_reference` (positions + segment ids;
 segment 0 = invalid key; causal ``kv_pos <= q_pos``; window ``q_pos - kv_pos < window`` (causal) or
 ``|q_pos - kv_pos| < window``; rows with no visible key give zeros and zero gradients, never NaN; grouped KV
 heads with ``H % G == 0``).
@@ -58,7 +59,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from bytescale.kernels import resolve_backend
-from bytescale.ops.attention import _check_shapes
+from bytescale.kernels.common import compiler_params, next_pow2, resolve_interpret, round_up, table_spec
+from bytescale.ops.mask import AttentionMask, check_shapes
 
 _BIG = 2**29  # sentinel for "no valid entry" in block summaries; differences stay inside int32
 _NUM_STATS = 4  # pos_min, pos_max, seg_min, seg_max
@@ -112,10 +114,6 @@ def _backend() -> str:
   return resolve_backend()  # the local backend
 
 
-def _next_pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
 def _pick_block(requested: int | None, default: int, length: int, backend: str) -> int:
   if requested is not None:
     if requested <= 0 or requested % 8:
@@ -124,11 +122,7 @@ def _pick_block(requested: int | None, default: int, length: int, backend: str) 
       raise ValueError(f"Triton needs power-of-two blocks, got {requested}")
     return requested
   # Short sequences: shrink the block to the (power-of-two-rounded) length, not below the backend minimum.
-  return max(_MIN_BLOCK[backend], min(default, _next_pow2(length)))
-
-
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
+  return max(_MIN_BLOCK[backend], min(default, next_pow2(length)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -450,29 +444,6 @@ def _dkv_stream_kernel(
 # pallas_call plumbing.
 
 
-def _table_spec(shape, index_map, backend):
-  # Small int tables read as scalars: SMEM on TPU; plain global memory on GPU / in interpret mode.
-  if backend == "tpu":
-    from jax.experimental.pallas import tpu as pltpu
-
-    return pl.BlockSpec(shape, index_map, memory_space=pltpu.SMEM)
-  return pl.BlockSpec(shape, index_map)
-
-
-def _compiler_params(cfg, head_dim, semantics):
-  if cfg.interpret:
-    return None
-  if cfg.backend == "gpu":
-    from jax.experimental.pallas import triton as plgpu
-
-    return plgpu.CompilerParams(num_warps=4 if head_dim <= 64 else 8, num_stages=2)
-  if cfg.backend == "tpu":
-    from jax.experimental.pallas import tpu as pltpu
-
-    return pltpu.CompilerParams(dimension_semantics=semantics)
-  return None
-
-
 def _poisoned(shape_dtypes):
   return [jnp.full(s.shape, jnp.nan, s.dtype) for s in shape_dtypes]
 
@@ -510,7 +481,9 @@ def _call(kernel, cfg, *, grid, in_specs, out_specs, out_shape, args, name, head
       out_shape=out_shape,
       input_output_aliases=aliases,
       interpret=cfg.interpret,
-      compiler_params=_compiler_params(cfg, head_dim, semantics),
+      compiler_params=compiler_params(
+          cfg.backend, cfg.interpret, num_warps=4 if head_dim <= 64 else 8, dimension_semantics=semantics
+      ),
       name=name,
   )(*args)
 
@@ -550,8 +523,8 @@ def _resident_meta_specs(cfg, n_q, n_k, *, kv_major: bool):
   """Specs for (q_info, kv_info, q_pos, q_seg, kv_pos, kv_seg)."""
   bq, bk = cfg.block_q, cfg.block_k
   tables = [
-      _table_spec((None, 6, n_q), lambda b, h, x: (b, 0, 0), cfg.backend),
-      _table_spec((None, 6, n_k), lambda b, h, x: (b, 0, 0), cfg.backend),
+      table_spec((None, 6, n_q), lambda b, h, x: (b, 0, 0), cfg.backend),
+      table_spec((None, 6, n_k), lambda b, h, x: (b, 0, 0), cfg.backend),
   ]
   if kv_major:  # one kv block per program (a Cx1 column); all q blocks (1xQ rows) on the leading block axis
     q_meta = pl.BlockSpec((None, n_q, 1, bq), lambda b, g, j: (b, 0, 0, 0))
@@ -762,10 +735,7 @@ def _resolve_config(
     count_visits=False,
 ):
   backend = _backend() if backend is None else resolve_backend(backend)
-  if interpret is None:
-    interpret = backend == "cpu"
-  if not interpret and backend == "cpu":
-    raise ValueError("Pallas kernels run on CPU only in interpret mode (interpret=True or None)")
+  interpret = resolve_interpret(interpret, backend)
   if streaming is None:
     streaming = _DEFAULT_STREAMING[backend]
   if streaming and backend == "gpu":
@@ -783,24 +753,25 @@ def _resolve_config(
       window=None if window is None else int(window),
       scale=float(d**-0.5 if scale is None else scale),
       backend=backend,
-      interpret=bool(interpret),
+      interpret=interpret,
       streaming=bool(streaming),
       poison=_DEBUG.poison,
       count_visits=count_visits,
   )
 
 
-def _prepare(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+def _prepare(cfg, q, k, v, mask: AttentionMask):
   """Transpose to head-major, pad to whole blocks (padding = segment 0), build the block tables."""
   b, t, _, _ = q.shape
   s = k.shape[1]
-  t_pad, s_pad = _round_up(t, cfg.block_q), _round_up(s, cfg.block_k)
+  t_pad, s_pad = round_up(t, cfg.block_q), round_up(s, cfg.block_k)
+  q_seg, kv_seg = mask.q_segment_ids_BxT, mask.kv_segment_ids_BxS
   q_seg = jnp.ones((b, t), jnp.int32) if q_seg is None else q_seg.astype(jnp.int32)
   kv_seg = jnp.ones((b, s), jnp.int32) if kv_seg is None else kv_seg.astype(jnp.int32)
   pad_t, pad_s = ((0, 0), (0, t_pad - t)), ((0, 0), (0, s_pad - s))
-  q_pos = jnp.pad(q_pos.astype(jnp.int32), pad_t)
+  q_pos = jnp.pad(mask.q_positions_BxT.astype(jnp.int32), pad_t)
   q_seg = jnp.pad(q_seg, pad_t)
-  kv_pos = jnp.pad(kv_pos.astype(jnp.int32), pad_s)
+  kv_pos = jnp.pad(mask.kv_positions_BxS.astype(jnp.int32), pad_s)
   kv_seg = jnp.pad(kv_seg, pad_s)
   q_stats = _block_stats(q_pos, q_seg, cfg.block_q)
   kv_stats = _block_stats(kv_pos, kv_seg, cfg.block_k)
@@ -818,13 +789,8 @@ def flash_attention(
     q_BxTxHxK,
     k_BxSxGxK,
     v_BxSxGxK,
+    mask: AttentionMask,
     *,
-    q_positions_BxT,
-    kv_positions_BxS,
-    q_segment_ids_BxT=None,
-    kv_segment_ids_BxS=None,
-    causal: bool = True,
-    window: int | None = None,
     scale: float | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
@@ -832,7 +798,7 @@ def flash_attention(
     backend: str | None = None,
     streaming: bool | None = None,
 ):
-  """Fused attention with the semantics of ``attention_reference``; differentiable (Pallas backward).
+  """Fused attention under ``mask`` with the semantics of ``attention_reference``; differentiable (Pallas backward).
 
   float32 or bfloat16 inputs (softmax and accumulation in float32). ``block_q``/``block_k`` override the
   per-backend defaults (powers of two on GPU; multiples of 8). Sequence lengths need not be multiples of the
@@ -842,21 +808,18 @@ def flash_attention(
   running that backend's configuration in interpret mode (``interpret=True``). ``streaming`` picks the kernel
   variant (module docstring); None = the backend's default (TPU: streaming; GPU: resident, the only one there).
   """
-  _check_shapes(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
+  check_shapes(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask)
   cfg = _resolve_config(
-      q_BxTxHxK.shape, k_BxSxGxK.shape[1], causal=causal, window=window, scale=scale,
+      q_BxTxHxK.shape, k_BxSxGxK.shape[1], causal=mask.causal, window=mask.window, scale=scale,
       block_q=block_q, block_k=block_k, interpret=interpret, backend=backend, streaming=streaming,
   )
-  return _flash_jit(
-      cfg, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, q_positions_BxT, kv_positions_BxS, q_segment_ids_BxT,
-      kv_segment_ids_BxS,
-  )
+  return _flash_jit(cfg, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
-def _flash_jit(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+def _flash_jit(cfg, q, k, v, mask):
   t = q.shape[1]
-  args, _ = _prepare(cfg, q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+  args, _ = _prepare(cfg, q, k, v, mask)
   o_BxHxTxK = _flash_core(cfg, *args)
   return jnp.swapaxes(o_BxHxTxK[:, :, :t], 1, 2)
 
@@ -865,34 +828,27 @@ def block_visits(
     q_BxTxHxK,
     k_BxSxGxK,
     v_BxSxGxK,
+    mask: AttentionMask,
     *,
-    q_positions_BxT,
-    kv_positions_BxS,
-    q_segment_ids_BxT=None,
-    kv_segment_ids_BxS=None,
-    causal: bool = True,
-    window: int | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
     interpret: bool | None = None,
     backend: str | None = None,
     streaming: bool | None = None,
 ):
-  """Introspection for tests/benchmarks: ``(table BxnQxnK bool, visits BxHxnQ int32)``.
+  """Introspection for tests/benchmarks: ``(table BxnQxnK bool, visits BxHxnQ int32)`` of ``flash_attention``
+  on the same arguments (q, k and v give the shapes; the forward kernel runs to count).
 
   ``table`` is the block-pair table the kernels compute from; ``visits`` is what the forward kernel actually
   counted (kv blocks whose body ran) for each (batch, head, q block).
   """
-  _check_shapes(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK)
+  check_shapes(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask)
   cfg = _resolve_config(
-      q_BxTxHxK.shape, k_BxSxGxK.shape[1], causal=causal, window=window, scale=None,
+      q_BxTxHxK.shape, k_BxSxGxK.shape[1], causal=mask.causal, window=mask.window, scale=None,
       block_q=block_q, block_k=block_k, interpret=interpret, backend=backend, streaming=streaming,
       count_visits=True,
   )
-  args, table = _prepare(
-      cfg, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, q_positions_BxT, kv_positions_BxS, q_segment_ids_BxT,
-      kv_segment_ids_BxS,
-  )
+  args, table = _prepare(cfg, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask)
   visits = _forward(cfg, *args)[2][..., 0, 0]
   return table, visits
 

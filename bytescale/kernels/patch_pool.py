@@ -34,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from bytescale.kernels import resolve_backend
+from bytescale.kernels.common import compiler_params, next_pow2, resolve_interpret, round_up, table_spec
 
 PoolOp = Literal["max", "mean", "sum"]
 _BIG = 2**30
@@ -56,14 +57,6 @@ def _backend() -> str:
   return resolve_backend()  # the local backend
 
 
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
-
-
-def _next_pow2(n: int) -> int:
-  return 1 << max(0, (n - 1).bit_length())
-
-
 def _check_block(name: str, block: int | None, backend: str, full: int):
   """Explicit block sizes must suit the backend's lowering (else Mosaic/Triton fail with a less clear error)."""
   if block is None:
@@ -79,26 +72,8 @@ def _check_block(name: str, block: int | None, backend: str, full: int):
     raise ValueError(f"{name} must be a multiple of {multiple} on TPU (Mosaic tiles are 8 x 128), got {block}")
 
 
-def _table_spec(shape, index_map, backend):
-  if backend == "tpu":
-    from jax.experimental.pallas import tpu as pltpu
-
-    return pl.BlockSpec(shape, index_map, memory_space=pltpu.SMEM)
-  return pl.BlockSpec(shape, index_map)
-
-
 def _compiler_params(cfg):
-  if cfg.interpret:
-    return None
-  if cfg.backend == "gpu":
-    from jax.experimental.pallas import triton as plgpu
-
-    return plgpu.CompilerParams(num_warps=4, num_stages=2)
-  if cfg.backend == "tpu":
-    from jax.experimental.pallas import tpu as pltpu
-
-    return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel"))
-  return None
+  return compiler_params(cfg.backend, cfg.interpret, num_warps=4, dimension_semantics=("parallel",) * 3)
 
 
 def _dot(a, b, contract_a, contract_b):
@@ -223,7 +198,7 @@ def _forward(cfg, x, ids, fwd_span):
   bt, bn, bd = cfg.block_t, cfg.block_n, cfg.block_d
   n_t, n_n, n_d = t_pad // bt, fwd_span.shape[-1], d_pad // bd
   in_specs = [
-      _table_spec((None, 2, n_n), lambda b_, n, d: (b_, 0, 0), cfg.backend),
+      table_spec((None, 2, n_n), lambda b_, n, d: (b_, 0, 0), cfg.backend),
       pl.BlockSpec((None, n_t, bt, 1), lambda b_, n, d: (b_, 0, 0, 0)),
       pl.BlockSpec((None, n_t, bt, bd), lambda b_, n, d: (b_, 0, 0, d)),
   ]
@@ -253,7 +228,7 @@ def _backward(cfg, ids, bwd_span, g, arg, x_dtype):
   n_t, n_n, d_pad = t_pad // bt, g.shape[1] // bn, g.shape[2]
   g_spec = pl.BlockSpec((None, n_n, bn, bd), lambda b_, t, d: (b_, 0, 0, d))
   in_specs = [
-      _table_spec((None, 2, n_t), lambda b_, t, d: (b_, 0, 0), cfg.backend),
+      table_spec((None, 2, n_t), lambda b_, t, d: (b_, 0, 0), cfg.backend),
       pl.BlockSpec((None, None, bt, 1), lambda b_, t, d: (b_, t, 0, 0)),
       g_spec,
   ]
@@ -320,10 +295,7 @@ def patch_pool(
   if x_BxTxD.ndim != 3 or segment_ids_BxT.shape != x_BxTxD.shape[:2]:
     raise ValueError(f"expected x BxTxD and ids BxT, got {x_BxTxD.shape} and {segment_ids_BxT.shape}")
   backend = _backend() if backend is None else resolve_backend(backend)
-  if interpret is None:
-    interpret = backend == "cpu"
-  if not interpret and backend == "cpu":
-    raise ValueError("Pallas kernels run on CPU only in interpret mode (interpret=True or None)")
+  interpret = resolve_interpret(interpret, backend)
   _, t, d = x_BxTxD.shape
   for name, block in (("block_t", block_t), ("block_n", block_n), ("block_d", block_d)):
     _check_block(name, block, backend, full=d)
@@ -331,11 +303,11 @@ def patch_pool(
   min_t = 8 if backend != "gpu" else 16
   cfg = _Config(
       op="max" if op == "max" else "sum",
-      block_t=block_t or max(min_t, min(dt, _next_pow2(t))),
-      block_n=block_n or max(8, min(dn, _next_pow2(num_segments))),
-      block_d=block_d or (min(dd, _next_pow2(d)) if backend != "tpu" else (d if d <= dd else dd)),
+      block_t=block_t or max(min_t, min(dt, next_pow2(t))),
+      block_n=block_n or max(8, min(dn, next_pow2(num_segments))),
+      block_d=block_d or (min(dd, next_pow2(d)) if backend != "tpu" else (d if d <= dd else dd)),
       backend=backend,
-      interpret=bool(interpret),
+      interpret=interpret,
   )
   return _patch_pool_jit(cfg, x_BxTxD, segment_ids_BxT, int(num_segments), op)
 
@@ -344,7 +316,7 @@ def patch_pool(
 def _patch_pool_jit(cfg, x, ids, num_segments, op):
   b, t, d = x.shape
   bt, bn, bd = cfg.block_t, cfg.block_n, cfg.block_d
-  t_pad, n_pad, d_pad = _round_up(t, bt), _round_up(num_segments, bn), _round_up(d, bd)
+  t_pad, n_pad, d_pad = round_up(t, bt), round_up(num_segments, bn), round_up(d, bd)
   valid = (ids >= 0) & (ids < num_segments)
   ids = jnp.where(valid, ids, -1).astype(jnp.int32)  # one "ignored" id the kernels never match
   ids_pad = jnp.pad(ids, ((0, 0), (0, t_pad - t)), constant_values=-1)

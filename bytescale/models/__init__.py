@@ -1,9 +1,11 @@
-"""Every model registers itself (config type, presets) on import; see ``bytescale.models.base``."""
+"""The models. ``registry`` holds the one table (name -> config, model, presets, FLOP counter)."""
 
-from bytescale.models.base import MODELS, ModelOutput, build_model, model_name_for
+from bytescale.models.base import ModelOutput
+from bytescale.models.blt import BLT
 from bytescale.models.bytelm import ByteLM
 from bytescale.models.megabyte import MegaByte
-from bytescale.models.blt import BLT  # noqa: F401  (registers "blt")
-from bytescale import heads  # noqa: E402,F401  (registers "mtp"; heads imports models, so it comes last)
+from bytescale.models.mtp import MultiTokenLM
+from bytescale.models.registry import MODELS, build_model, get_preset, model_name_for
 
-__all__ = ["MODELS", "ByteLM", "MegaByte", "ModelOutput", "build_model", "model_name_for"]
+__all__ = ["BLT", "MODELS", "ByteLM", "MegaByte", "ModelOutput", "MultiTokenLM", "build_model", "get_preset",
+           "model_name_for"]

@@ -1,4 +1,4 @@
-"""The protocol every bytescale model speaks, and the registry the CLI and training loop use.
+"""The protocol every bytescale model speaks.
 
 Every model offers:
 
@@ -10,14 +10,15 @@ Every model offers:
 * ``rollback(cache, n_B) -> cache``: forget the last ``n_B`` bytes of each row (rejected draft bytes).
 
 ``bytes_BxT`` are token ids (see ``bytescale.vocab``); ``segment_ids_BxT`` number the documents packed in a
-row (0 = padding); tokens never attend across documents.
+row (0 = padding); tokens never attend across documents. Which models exist, their configs, presets and FLOP
+counters: the one table in ``bytescale.models.registry``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
+import chex
 import jax
 
 
@@ -26,34 +27,11 @@ class ModelOutput(NamedTuple):
   hidden_BxTxD: jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-  name: str
-  config_type: type
-  model_type: type
-  description: str
-
-
-MODELS: dict[str, ModelSpec] = {}
-
-
-def register_model(name: str, config_type: type, model_type: type, presets: dict[str, Any], description: str):
-  from bytescale import configs
-
-  MODELS[name] = ModelSpec(name, config_type, model_type, description)
-  configs.register_config_type(config_type)
-  configs.register_presets(name, presets)
-
-
-def model_name_for(config) -> str:
-  for spec in MODELS.values():
-    if isinstance(config, spec.config_type):
-      return spec.name
-  raise ValueError(f"no registered model uses {type(config).__name__}")
-
-
-def build_model(config, *, seed: int = 0):
-  """Instantiates the registered model class for ``config``."""
-  from flax import nnx
-
-  return MODELS[model_name_for(config)].model_type(config, rngs=nnx.Rngs(seed))
+def check_inputs(bytes_BxT, segment_ids_BxT=None):
+  """The protocol's input contract, checked on static shapes (free under jit): ``BxT`` integer ids, and segment
+  ids of the same shape."""
+  chex.assert_rank(bytes_BxT, 2)
+  chex.assert_type(bytes_BxT, int)
+  if segment_ids_BxT is not None:
+    chex.assert_equal_shape([bytes_BxT, segment_ids_BxT])
+    chex.assert_type(segment_ids_BxT, int)

@@ -25,21 +25,24 @@ skips it. Everything a byte contributed is indexed by position, so ``rollback`` 
 from __future__ import annotations
 
 import dataclasses
-import os
-import warnings
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from bytescale import configs, entropy, patching, vocab
-from bytescale.configs import ByteLMConfig, ConfigError, TransformerConfig, check
-from bytescale.models.base import ModelOutput, register_model
+from bytescale import entropy, flops, patching, vocab
+from bytescale.configs import ByteLMConfig, ConfigError, TransformerConfig, check, swiglu_hidden
+from bytescale.models import bytelm
+from bytescale.models.base import ModelOutput, check_inputs
+from bytescale.models.bytelm import ByteLM
 from bytescale.nn import Embedding, KVCache, RMSNorm, TransformerStack
-from bytescale.nn.layers import param, scaled_normal
+from bytescale.nn.layers import param, scaled_normal, unembed
 from bytescale.ops import attention as attention_ops
 from bytescale.ops import hashing, rope
-from bytescale.ops.attention import segment_positions
+from bytescale.ops.mask import AttentionMask, segment_positions
+from bytescale.ops.losses import masked_cross_entropy
+from bytescale.ops.rows import take_rows, write_rows
 from bytescale.patching import Patches, PatchingConfig
 
 try:  # the Pallas-backed pooling op (kernels engineer); jax segment ops otherwise
@@ -63,58 +66,8 @@ def freeze(module: nnx.Module) -> nnx.Module:
   return module
 
 
-def _float32(config: ByteLMConfig) -> ByteLMConfig:
+def float32_config(config: ByteLMConfig) -> ByteLMConfig:
   return dataclasses.replace(config, stack=dataclasses.replace(config.stack, dtype="float32"))
-
-
-def load_entropy_model(directory: str):
-  """The ByteLM saved under ``directory``, in float32 (whatever it trained in), with ``Frozen`` weights.
-
-  Safe to call while tracing (the training loop builds models inside ``jax.eval_shape`` and ``jax.jit``): the
-  model is built abstractly and the weights are restored from disk as concrete host arrays.
-  """
-  import numpy as np
-  import orbax.checkpoint as ocp
-
-  from bytescale.models.bytelm import ByteLM
-  from bytescale.train.checkpoint import checkpoint_root, read_meta
-
-  meta = read_meta(directory)
-  if meta.get("model") != "bytelm":
-    raise ConfigError(f"BLTConfig.entropy_model: {directory} holds a {meta.get('model')!r} model; the entropy "
-                      "model must be a bytelm checkpoint (bytescale train --model bytelm --preset entropy-tiny)")
-  config = _float32(configs.from_dict(meta["model_config"]))
-  graphdefs = []
-
-  def build():  # shapes only (jax.eval_shape, not nnx.eval_shape: that would apply the logical shardings)
-    graphdef, params, rest = nnx.split(ByteLM(config, rngs=nnx.Rngs(0)), nnx.Param, ...)
-    graphdefs.append(graphdef)
-    return {"params": params, "frozen": rest}
-
-  target = jax.eval_shape(build)
-  graphdef = graphdefs[0]
-  manager = ocp.CheckpointManager(checkpoint_root(directory), options=ocp.CheckpointManagerOptions(create=False))
-  restored = manager.restore(meta["step"], args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=target, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target),
-      partial_restore=True,
-  )))["state"]
-  manager.close()
-  # Parameters are stored in float32 whatever the compute dtype, so the float32 model takes them as they are.
-  as_float32 = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float32), tree)  # noqa: E731
-  return freeze(nnx.merge(graphdef, as_float32(restored["params"]), as_float32(restored["frozen"])))
-
-
-def _entropy_model_config(directory: str) -> ByteLMConfig:
-  from bytescale.train.checkpoint import read_meta
-
-  try:
-    meta = read_meta(directory)
-  except (FileNotFoundError, ValueError) as error:
-    raise ConfigError(f"BLTConfig.entropy_model: no checkpoint under {directory} ({error}); train one with "
-                      "`bytescale train --model bytelm --preset entropy-tiny --out DIR`") from None
-  if meta.get("model") != "bytelm":
-    raise ConfigError(f"BLTConfig.entropy_model: {directory} holds a {meta.get('model')!r} model, not a bytelm")
-  return configs.from_dict(meta["model_config"])
 
 
 # --- Config -----------------------------------------------------------------------------------------------
@@ -131,7 +84,8 @@ class BLTConfig:
   hash_buckets: int = 4096  # per n (the released models use 500,002)
   queries_per_patch: int = 2  # k: encoder queries per patch and decoder key/value slots per patch
   max_seq_len: int = 256
-  # Checkpoint directory of the entropy model (entropy patching). Its config is read from there and kept here,
+  # The entropy model (entropy patching): the run directory it was trained in, and its config. The training layer
+  # (``bytescale.train.checkpoint.resolve_entropy_model``) reads the config from the directory and keeps it here,
   # so a saved BLT rebuilds even when the directory is gone (the weights are in the BLT's own checkpoint).
   entropy_model: str | None = None
   entropy_model_config: ByteLMConfig | None = None
@@ -145,15 +99,11 @@ class BLTConfig:
     check(0 < self.hash_buckets < 2**31, name, "hash_buckets", f"must be in [1, 2**31), got {self.hash_buckets}")
     check(self.queries_per_patch >= 1, name, "queries_per_patch", f"must be >= 1, got {self.queries_per_patch}")
     check(self.max_seq_len > 0, name, "max_seq_len", f"must be > 0, got {self.max_seq_len}")
-    if self.entropy_model is not None:
-      directory = os.path.abspath(os.path.expanduser(self.entropy_model))
-      object.__setattr__(self, "entropy_model", directory)
-      if os.path.isdir(directory):
-        object.__setattr__(self, "entropy_model_config", _entropy_model_config(directory))
-      elif self.entropy_model_config is None:
-        raise ConfigError(f"{name}.entropy_model: {directory} does not exist; train an entropy model with "
-                          "`bytescale train --model bytelm --preset entropy-tiny --out DIR` and pass its DIR")
-
+    check(self.entropy_model is None or (isinstance(self.entropy_model, str) and self.entropy_model.strip() != ""),
+          name, "entropy_model", f"must be None or the run directory of a bytelm entropy model, got "
+          f"{self.entropy_model!r}")
+    check(self.entropy_model_config is None or isinstance(self.entropy_model_config, ByteLMConfig), name,
+          "entropy_model_config", f"must be None or a ByteLMConfig, got {type(self.entropy_model_config).__name__}")
 
 
 # --- Layers -----------------------------------------------------------------------------------------------
@@ -168,32 +118,30 @@ class CrossAttention(nnx.Module):
     self.q_norm = RMSNorm(d_model, eps=norm_eps, rngs=rngs)
     self.kv_norm = RMSNorm(d_model, eps=norm_eps, rngs=rngs)
     shape, names = (d_model, num_heads, head_dim), ("embed", "heads", "head_dim")
-    self.wq_DxHxK = param(rngs, scaled_normal(d_model), shape, names)
-    self.wk_DxHxK = param(rngs, scaled_normal(d_model), shape, names)
-    self.wv_DxHxK = param(rngs, scaled_normal(d_model), shape, names)
-    self.wo_HxKxD = param(rngs, scaled_normal(num_heads * head_dim), (num_heads, head_dim, d_model),
+    self.wq = param(rngs, scaled_normal(d_model), shape, names)
+    self.wk = param(rngs, scaled_normal(d_model), shape, names)
+    self.wv = param(rngs, scaled_normal(d_model), shape, names)
+    self.wo = param(rngs, scaled_normal(num_heads * head_dim), (num_heads, head_dim, d_model),
                           ("heads", "head_dim", "embed"))
 
   def queries(self, x_BxTxD):
     x = self.q_norm(x_BxTxD).astype(self.dtype)
-    return jnp.einsum("...d,dhk->...hk", x, self.wq_DxHxK[...].astype(self.dtype))
+    return jnp.einsum("...d,dhk->...hk", x, self.wq[...].astype(self.dtype))
 
   def keys_values(self, x_BxSxD):
     x = self.kv_norm(x_BxSxD).astype(self.dtype)
-    k = jnp.einsum("...d,dhk->...hk", x, self.wk_DxHxK[...].astype(self.dtype))
-    v = jnp.einsum("...d,dhk->...hk", x, self.wv_DxHxK[...].astype(self.dtype))
+    k = jnp.einsum("...d,dhk->...hk", x, self.wk[...].astype(self.dtype))
+    v = jnp.einsum("...d,dhk->...hk", x, self.wv[...].astype(self.dtype))
     return k, v
 
   def output(self, out_BxTxHxK):
-    return jnp.einsum("...hk,hkd->...d", out_BxTxHxK, self.wo_HxKxD[...].astype(self.dtype))
+    return jnp.einsum("...hk,hkd->...d", out_BxTxHxK, self.wo[...].astype(self.dtype))
 
   def attend(self, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, q_segment_ids_BxT=None, kv_segment_ids_BxS=None):
     zeros_q = jnp.zeros(q_BxTxHxK.shape[:2], jnp.int32)
     zeros_kv = jnp.zeros(k_BxSxHxK.shape[:2], jnp.int32)
-    return attention_ops.attention(
-        q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, q_positions_BxT=zeros_q, kv_positions_BxS=zeros_kv,
-        q_segment_ids_BxT=q_segment_ids_BxT, kv_segment_ids_BxS=kv_segment_ids_BxS, causal=False, impl=self.impl,
-    )
+    mask = AttentionMask(zeros_q, zeros_kv, q_segment_ids_BxT, kv_segment_ids_BxS, causal=False)
+    return attention_ops.attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask, impl=self.impl)
 
   def __call__(self, x_BxTxD, kv_BxSxD, q_segment_ids_BxT, kv_segment_ids_BxS):
     """``x + attention(x -> kv)``, each query seeing the keys of its own (non-zero) segment."""
@@ -211,41 +159,33 @@ def _pool_max(x_BxTxD, ids_BxT, num_segments: int):
   return jnp.where(jnp.isfinite(pooled), pooled, 0.0)
 
 
-def patch_local_attention(q_BxKxQxHxD, k_BxTxHxD, v_BxTxHxD, patch_ids_BxT, valid_BxK):
+def patch_local_attention(q_BxMxQxHxK, k_BxTxHxK, v_BxTxHxK, patch_ids_BxT, valid_BxM):
   """Attention of patch ``p``'s queries to the bytes ``t`` with ``patch_ids[t] == p`` only, in ``O(T)``.
 
   The same result as dense attention under the segment mask (query segment ``p + 1`` where ``valid``, key
-  segment ``patch_ids + 1`` for ids in ``[0, K)``), without the ``(K * Q) x T`` score matrix: each byte scores
+  segment ``patch_ids + 1`` for ids in ``[0, M)``), without the ``(M * Q) x T`` score matrix: each byte scores
   against the ``Q`` queries of its own patch and the softmax is taken per patch with segment reductions.
   Softmax in float32 (or wider); patches that are not valid or have no bytes give zeros.
   """
-  b, k, nq, h, d = q_BxKxQxHxD.shape
+  b, m, nq, h, k = q_BxMxQxHxK.shape
   t = patch_ids_BxT.shape[1]
-  acc_dtype = jnp.promote_types(q_BxKxQxHxD.dtype, jnp.float32)
-  member_BxT = (patch_ids_BxT >= 0) & (patch_ids_BxT < k)
+  acc_dtype = jnp.promote_types(q_BxMxQxHxK.dtype, jnp.float32)
+  member_BxT = (patch_ids_BxT >= 0) & (patch_ids_BxT < m)
   own_BxT = jnp.where(member_BxT, patch_ids_BxT, 0)
-  scores_BxTxQxH = jnp.einsum("btqhd,bthd->btqh", _take_rows(q_BxKxQxHxD, own_BxT), k_BxTxHxD,
-                              preferred_element_type=acc_dtype) * d**-0.5
-  # One flat segment space: row b owns segments [b*(K+1), b*(K+1)+K]; the last one collects non-members.
-  flat_N = (jnp.where(member_BxT, patch_ids_BxT, k) + jnp.arange(b)[:, None] * (k + 1)).reshape(-1)
+  scores_BxTxQxH = jnp.einsum("btqhk,bthk->btqh", take_rows(q_BxMxQxHxK, own_BxT), k_BxTxHxK,
+                              preferred_element_type=acc_dtype) * k**-0.5
+  # One flat segment space: row b owns segments [b*(M+1), b*(M+1)+M]; the last one collects non-members.
+  flat_N = (jnp.where(member_BxT, patch_ids_BxT, m) + jnp.arange(b)[:, None] * (m + 1)).reshape(-1)
   scores_NxQxH = scores_BxTxQxH.reshape(b * t, nq, h)
   # The max only keeps exp() in range: its gradient cancels in the softmax, so none is taken through it.
-  patch_max = jax.ops.segment_max(jax.lax.stop_gradient(scores_NxQxH), flat_N, b * (k + 1))
+  patch_max = jax.ops.segment_max(jax.lax.stop_gradient(scores_NxQxH), flat_N, b * (m + 1))
   weights_NxQxH = jnp.exp(scores_NxQxH - patch_max[flat_N])
-  denominator = jax.ops.segment_sum(weights_NxQxH, flat_N, b * (k + 1))  # >= 1 wherever a member byte is
-  probs_NxQxH = (weights_NxQxH / denominator[flat_N]).astype(v_BxTxHxD.dtype)
-  weighted_NxQxHxD = jnp.einsum("nqh,nhd->nqhd", probs_NxQxH, v_BxTxHxD.reshape(b * t, h, d),
+  denominator = jax.ops.segment_sum(weights_NxQxH, flat_N, b * (m + 1))  # >= 1 wherever a member byte is
+  probs_NxQxH = (weights_NxQxH / denominator[flat_N]).astype(v_BxTxHxK.dtype)
+  weighted_NxQxHxK = jnp.einsum("nqh,nhk->nqhk", probs_NxQxH, v_BxTxHxK.reshape(b * t, h, k),
                                 preferred_element_type=acc_dtype)
-  out = jax.ops.segment_sum(weighted_NxQxHxD, flat_N, b * (k + 1)).reshape(b, k + 1, nq, h, d)[:, :k]
-  return jnp.where(valid_BxK[:, :, None, None, None], out, 0.0).astype(q_BxKxQxHxD.dtype)
-
-
-_write_rows = jax.vmap(lambda buffer, new, start: jax.lax.dynamic_update_slice_in_dim(buffer, new, start, axis=0))
-
-
-def _take_rows(buffer_BxS, index_BxN):
-  """``buffer[b, index[b, n]]`` for a buffer with any trailing dims."""
-  return jax.vmap(lambda buf, idx: jnp.take(buf, idx, axis=0))(buffer_BxS, index_BxN)
+  out = jax.ops.segment_sum(weighted_NxQxHxK, flat_N, b * (m + 1)).reshape(b, m + 1, nq, h, k)[:, :m]
+  return jnp.where(valid_BxM[:, :, None, None, None], out, 0.0).astype(q_BxMxQxHxK.dtype)
 
 
 # --- Cache ------------------------------------------------------------------------------------------------
@@ -258,8 +198,8 @@ class BLTCache:
   bytes_BxS: jax.Array
   entropies_BxS: jax.Array  # float32, H[t] of the entropy model (zeros without entropy patching)
   encoder_states_BxSxD: jax.Array  # local encoder output per byte (pooled when its patch closes)
-  slot_keys_BxPxQxHxK: jax.Array  # decoder cross-attention keys of slot p (the global output of patch p-1)
-  slot_values_BxPxQxHxK: jax.Array
+  slot_keys_BxMxQxHxK: jax.Array  # decoder cross-attention keys of slot p (the global output of patch p-1)
+  slot_values_BxMxQxHxK: jax.Array
   encoder_cache: KVCache
   global_cache: KVCache  # one slot per patch; only the closed patches' slots are meaningful
   decoder_cache: KVCache
@@ -289,17 +229,17 @@ class BLT(nnx.Module):
       self.hash_table = None
     self.encoder = TransformerStack(c.encoder, rngs=rngs)
     # "embed" never names two axes of one parameter (a mesh axis can shard only one): wide sides are "mlp".
-    self.query_init_ExQxE = param(rngs, scaled_normal(d_e), (d_e, q, d_e), ("embed", "cross_queries", "mlp"))
+    self.query_init = param(rngs, scaled_normal(d_e), (d_e, q, d_e), ("embed", "cross_queries", "mlp"))
     self.encoder_cross = self._cross_attention(c.encoder, rngs)
-    self.global_in_QxExG = param(rngs, scaled_normal(q * d_e), (q, d_e, d_g), ("cross_queries", "mlp", "embed"))
+    self.global_in = param(rngs, scaled_normal(q * d_e), (q, d_e, d_g), ("cross_queries", "mlp", "embed"))
     self.global_stack = TransformerStack(c.global_stack, rngs=rngs)
-    self.global_out_GxQxD = param(rngs, scaled_normal(d_g), (d_g, q, d_d), ("embed", "cross_queries", "mlp"))
-    self.bos_slots_QxD = param(rngs, jax.nn.initializers.normal(1.0), (q, d_d), ("cross_queries", "embed"))
-    self.byte_to_decoder_ExD = param(rngs, scaled_normal(d_e), (d_e, d_d), ("mlp", "embed"))
+    self.global_out = param(rngs, scaled_normal(d_g), (d_g, q, d_d), ("embed", "cross_queries", "mlp"))
+    self.bos_slots = param(rngs, jax.nn.initializers.normal(1.0), (q, d_d), ("cross_queries", "embed"))
+    self.byte_to_decoder = param(rngs, scaled_normal(d_e), (d_e, d_d), ("mlp", "embed"))
     self.decoder_cross = self._cross_attention(c.decoder, rngs)
     self.decoder = TransformerStack(c.decoder, rngs=rngs)
     self.final_norm = RMSNorm(d_d, eps=c.decoder.norm_eps, rngs=rngs)
-    self.unembed_DxV = param(rngs, scaled_normal(d_d), (d_d, vocab.VOCAB_SIZE), ("embed", "vocab"))
+    self.unembedding = param(rngs, scaled_normal(d_d), (d_d, vocab.VOCAB_SIZE), ("embed", "vocab"))
     self.entropy_lm = self._entropy_model(entropy_lm, rngs) if c.patching.needs_entropies else None
 
   @staticmethod
@@ -308,26 +248,25 @@ class BLT(nnx.Module):
                           impl=stack.attention_impl, rngs=rngs)
 
   def _entropy_model(self, entropy_lm, rngs):
-    from bytescale.models.bytelm import ByteLM
-
+    """The frozen float32 entropy model: ``entropy_lm`` (trained weights, e.g. from
+    ``bytescale.train.checkpoint.load_entropy_model``), or, without it, one of ``config.entropy_model_config``'s
+    shape whose weights a checkpoint restore fills in (``bytescale.train.checkpoint.load_model``). Training from
+    scratch must pass ``entropy_lm``: ``bytescale.train.loop.train`` does."""
     c = self.config
     if entropy_lm is not None:
       lm = nnx.clone(entropy_lm)
       if lm.config.stack.dtype != "float32":
-        lm32 = ByteLM(_float32(lm.config), rngs=nnx.Rngs(0))
+        lm32 = ByteLM(float32_config(lm.config), rngs=nnx.Rngs(0))
         nnx.update(lm32, nnx.state(lm))
         lm = lm32
       return freeze(lm)
-    if c.entropy_model is not None and os.path.isdir(c.entropy_model):
-      return load_entropy_model(c.entropy_model)
     if c.entropy_model_config is not None:
-      warnings.warn(f"BLT: entropy model directory {c.entropy_model} is missing; its weights must come from a "
-                    "BLT checkpoint restore (bytescale.train.checkpoint.load_model does this)", stacklevel=3)
-      return freeze(ByteLM(_float32(c.entropy_model_config), rngs=rngs))
+      return freeze(ByteLM(float32_config(c.entropy_model_config), rngs=rngs))
     raise ConfigError(
         "BLTConfig.entropy_model: entropy patching needs a trained entropy model: train one with `bytescale train "
-        "--model bytelm --preset entropy-tiny --out DIR` and pass --set entropy_model=DIR, or choose "
-        "--set patcher=space (or strided)")
+        "--model bytelm --preset entropy-tiny --out DIR` and pass --set entropy_model=DIR (in Python: "
+        "bytescale.train.checkpoint.resolve_entropy_model(config) and build with entropy_lm="
+        "load_entropy_model(DIR)), or choose --set patcher=space (or strided)")
 
   @property
   def compute_dtype(self):
@@ -362,48 +301,47 @@ class BLT(nnx.Module):
       x = x + jnp.sum(jnp.take(self.hash_table[...], rows, axis=0), axis=2)
     return (x * (1.0 + len(c.hash_ngrams)) ** -0.5).astype(self.compute_dtype)
 
-  def encode_patches(self, encoder_states_BxTxD, patch_ids_BxT, valid_BxK):
-    """Global-model inputs ``BxKxG`` of the patches ``0..K-1`` (bytes with other ids are ignored)."""
-    k = valid_BxK.shape[1]
+  def encode_patches(self, encoder_states_BxTxD, patch_ids_BxT, valid_BxM):
+    """Global-model inputs ``BxMxD`` of the patches ``0..M-1`` (bytes with other ids are ignored)."""
+    k = valid_BxM.shape[1]
     dtype = encoder_states_BxTxD.dtype
-    pooled_BxKxE = _pool_max(encoder_states_BxTxD, patch_ids_BxT, k)
-    queries_BxKxQxE = jnp.einsum("bke,eqd->bkqd", pooled_BxKxE, self.query_init_ExQxE[...].astype(dtype))
-    # Cross-attention of each patch's queries to its own bytes (O(T), not a dense (K * q) x T score matrix).
+    pooled_BxMxE = _pool_max(encoder_states_BxTxD, patch_ids_BxT, k)
+    queries_BxMxQxE = jnp.einsum("bke,eqd->bkqd", pooled_BxMxE, self.query_init[...].astype(dtype))
+    # Cross-attention of each patch's queries to its own bytes (O(T), not a dense (M * Q) x T score matrix).
     cross = self.encoder_cross
     keys, values = cross.keys_values(encoder_states_BxTxD)
-    out = patch_local_attention(cross.queries(queries_BxKxQxE), keys, values, patch_ids_BxT, valid_BxK)
-    states = queries_BxKxQxE + cross.output(out).astype(dtype)
-    return jnp.einsum("bkqe,qeg->bkg", states, self.global_in_QxExG[...].astype(dtype))
+    out = patch_local_attention(cross.queries(queries_BxMxQxE), keys, values, patch_ids_BxT, valid_BxM)
+    states = queries_BxMxQxE + cross.output(out).astype(dtype)
+    return jnp.einsum("bkqe,qeg->bkg", states, self.global_in[...].astype(dtype))
 
-  def slot_keys_values(self, global_out_BxKxG):
+  def slot_keys_values(self, global_out_BxMxD):
     """Decoder cross-attention keys/values ``BxKxQxHxK`` made from each patch's global output."""
-    dtype = global_out_BxKxG.dtype
-    slots = jnp.einsum("bkg,gqd->bkqd", global_out_BxKxG, self.global_out_GxQxD[...].astype(dtype))
+    dtype = global_out_BxMxD.dtype
+    slots = jnp.einsum("bkg,gqd->bkqd", global_out_BxMxD, self.global_out[...].astype(dtype))
     return self.decoder_cross.keys_values(slots)
 
   def bos_keys_values(self):
-    return self.decoder_cross.keys_values(self.bos_slots_QxD[...].astype(jnp.dtype(self.config.decoder.dtype)))
+    return self.decoder_cross.keys_values(self.bos_slots[...].astype(jnp.dtype(self.config.decoder.dtype)))
 
   def decoder_inputs(self, encoder_states_BxTxE, slot_keys_BxTxQxHxK, slot_values_BxTxQxHxK):
     """Each byte's decoder input: its encoder state, plus cross-attention to the k slots it reads."""
-    b, t = encoder_states_BxTxE.shape[:2]
-    w = self.byte_to_decoder_ExD[...].astype(encoder_states_BxTxE.dtype)
+    b = encoder_states_BxTxE.shape[0]
+    w = self.byte_to_decoder[...].astype(encoder_states_BxTxE.dtype)
     x = jnp.einsum("bte,ed->btd", encoder_states_BxTxE, w)
     x = x.astype(jnp.dtype(self.config.decoder.dtype))
-    q = self.decoder_cross.queries(x)  # BxTxHxK
-    h, d = q.shape[2:]
-    nq = self.config.queries_per_patch
-    # One query per byte against its own k slots: fold bytes into the batch.
-    out = self.decoder_cross.attend(
-        q.reshape(b * t, 1, h, d), slot_keys_BxTxQxHxK.reshape(b * t, nq, h, d),
-        slot_values_BxTxQxHxK.reshape(b * t, nq, h, d),
+    q_BxTxHxK = self.decoder_cross.queries(x)
+    # One query per byte against its own Q slots: fold bytes into the batch.
+    out_NxHxK = self.decoder_cross.attend(
+        einops.rearrange(q_BxTxHxK, "b t h k -> (b t) 1 h k"),
+        einops.rearrange(slot_keys_BxTxQxHxK, "b t q h k -> (b t) q h k"),
+        einops.rearrange(slot_values_BxTxQxHxK, "b t q h k -> (b t) q h k"),
     )
-    return x + self.decoder_cross.output(out.reshape(b, t, h, d)).astype(x.dtype)
+    out_BxTxHxK = einops.rearrange(out_NxHxK, "(b t) 1 h k -> b t h k", b=b)
+    return x + self.decoder_cross.output(out_BxTxHxK).astype(x.dtype)
 
   def unembed(self, hidden_BxTxD):
     """Final norm and output projection; logits in float32."""
-    h = self.final_norm(hidden_BxTxD)
-    return jnp.einsum("btd,dv->btv", h, self.unembed_DxV[...].astype(h.dtype)).astype(jnp.float32)
+    return unembed(self.final_norm, hidden_BxTxD, kernel_DxV=self.unembedding)
 
   # --- Forward ---
 
@@ -412,6 +350,7 @@ class BLT(nnx.Module):
 
   def forward(self, bytes_BxT, segment_ids_BxT=None, *, patches: Patches | None = None):
     """``(ModelOutput, Patches)``: the logits and the patches they were computed with."""
+    check_inputs(bytes_BxT, segment_ids_BxT)
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.ones(bytes_BxT.shape, jnp.int32)
     if patches is None:
@@ -421,22 +360,22 @@ class BLT(nnx.Module):
     encoder_states = self.encoder(x, positions_BxT, segment_ids_BxT)
 
     # Global model over patches; a patch belongs to the document of its first byte.
-    patch_in = self.encode_patches(encoder_states, patches.patch_ids_BxT, patches.valid_BxK)
+    patch_in = self.encode_patches(encoder_states, patches.patch_ids_BxT, patches.valid_BxM)
     first_byte = jnp.minimum(patching.patch_start_index(patches), bytes_BxT.shape[1] - 1)
-    patch_docs_BxK = jnp.where(patches.valid_BxK, jnp.take_along_axis(segment_ids_BxT, first_byte, axis=1), 0)
+    patch_docs_BxM = jnp.where(patches.valid_BxM, jnp.take_along_axis(segment_ids_BxT, first_byte, axis=1), 0)
     patch_in = patch_in.astype(jnp.dtype(self.config.global_stack.dtype))
-    global_out = self.global_stack(patch_in, segment_positions(patch_docs_BxK), patch_docs_BxK)
+    global_out = self.global_stack(patch_in, segment_positions(patch_docs_BxM), patch_docs_BxM)
 
     # Slot p holds patch p-1's global output, or the BOS slots when p opens its document.
     keys, values = self.slot_keys_values(global_out)
     bos_k, bos_v = self.bos_keys_values()
-    opens_doc = jnp.concatenate([jnp.ones_like(patch_docs_BxK[:, :1], bool),
-                                 patch_docs_BxK[:, 1:] != patch_docs_BxK[:, :-1]], axis=1)[..., None, None, None]
+    opens_doc = jnp.concatenate([jnp.ones_like(patch_docs_BxM[:, :1], bool),
+                                 patch_docs_BxM[:, 1:] != patch_docs_BxM[:, :-1]], axis=1)[..., None, None, None]
     lag = lambda kv: jnp.concatenate([jnp.zeros_like(kv[:, :1]), kv[:, :-1]], axis=1)  # noqa: E731
     keys = jnp.where(opens_doc, bos_k.astype(keys.dtype), lag(keys))
     values = jnp.where(opens_doc, bos_v.astype(values.dtype), lag(values))
     slot_BxT = jnp.maximum(patches.patch_ids_BxT, 0)
-    x = self.decoder_inputs(encoder_states, _take_rows(keys, slot_BxT), _take_rows(values, slot_BxT))
+    x = self.decoder_inputs(encoder_states, take_rows(keys, slot_BxT), take_rows(values, slot_BxT))
     hidden = self.decoder(x, positions_BxT, segment_ids_BxT)
     return ModelOutput(self.unembed(hidden), hidden), patches
 
@@ -457,8 +396,8 @@ class BLT(nnx.Module):
         bytes_BxS=jnp.zeros((batch, max_len), jnp.int32),
         entropies_BxS=jnp.zeros((batch, max_len), jnp.float32),
         encoder_states_BxSxD=jnp.zeros((batch, max_len, c.encoder.d_model), self.compute_dtype),
-        slot_keys_BxPxQxHxK=jnp.zeros(slots, dtype),
-        slot_values_BxPxQxHxK=jnp.zeros(slots, dtype),
+        slot_keys_BxMxQxHxK=jnp.zeros(slots, dtype),
+        slot_values_BxMxQxHxK=jnp.zeros(slots, dtype),
         encoder_cache=self.encoder.init_cache(batch, max_len),
         global_cache=self.global_stack.init_cache(batch, max_len),
         decoder_cache=self.decoder.init_cache(batch, max_len),
@@ -472,12 +411,12 @@ class BLT(nnx.Module):
     s = cache.max_len
     start_B = cache.lengths_B
     total_B = start_B + n
-    bytes_buf = _write_rows(cache.bytes_BxS, bytes_BxN.astype(jnp.int32), start_B)
+    bytes_buf = write_rows(cache.bytes_BxS, bytes_BxN.astype(jnp.int32), start_B)
     entropies_buf, entropy_cache = cache.entropies_BxS, cache.entropy_cache
     if self.entropy_lm is not None:
       out, entropy_cache = self.entropy_lm.decode(entropy_cache.replace(lengths_B=start_B), bytes_BxN)
       new_h = jax.lax.stop_gradient(entropy.entropy_from_logits(out.logits_BxTxV))
-      entropies_buf = _write_rows(entropies_buf, new_h, start_B)
+      entropies_buf = write_rows(entropies_buf, new_h, start_B)
 
     # Patches of the whole buffer: causal, so the patches of earlier bytes are the ones they had.
     slot_index = jnp.arange(s, dtype=jnp.int32)
@@ -489,14 +428,14 @@ class BLT(nnx.Module):
     # Local encoder on the new bytes (n-gram hashes need up to max(n) - 1 earlier bytes).
     context = max(c.hash_ngrams, default=1) - 1
     window = start_B[:, None] - context + jnp.arange(context + n, dtype=jnp.int32)
-    window_ids = _take_rows(bytes_buf, jnp.maximum(window, 0))
+    window_ids = take_rows(bytes_buf, jnp.maximum(window, 0))
     x = self.embed_bytes(window_ids, (window >= 0).astype(jnp.int32))[:, context:]
     new_states, encoder_cache = self.encoder.decode(x, cache.encoder_cache.replace(lengths_B=start_B))
-    states_buf = _write_rows(cache.encoder_states_BxSxD, new_states.astype(cache.encoder_states_BxSxD.dtype), start_B)
+    states_buf = write_rows(cache.encoder_states_BxSxD, new_states.astype(cache.encoder_states_BxSxD.dtype), start_B)
 
     # Patches closed by this call: patch p is closed once a later byte opened patch p+1.
-    closed_before = jnp.where(start_B > 0, _take_rows(patch_ids, jnp.maximum(start_B - 1, 0)[:, None])[:, 0], 0)
-    closed_after = _take_rows(patch_ids, (total_B - 1)[:, None])[:, 0]
+    closed_before = jnp.where(start_B > 0, take_rows(patch_ids, jnp.maximum(start_B - 1, 0)[:, None])[:, 0], 0)
+    closed_after = take_rows(patch_ids, (total_B - 1)[:, None])[:, 0]
     closing_B = closed_after - closed_before
 
     def run_global(operands):
@@ -509,24 +448,24 @@ class BLT(nnx.Module):
       # Rows append their closed patches at their own patch count; slots past it are rewritten later.
       global_out, global_cache = self.global_stack.decode(patch_in, global_cache.replace(lengths_B=closed_before))
       keys, values = self.slot_keys_values(global_out)
-      slot_keys = _write_rows(slot_keys, keys.astype(slot_keys.dtype), closed_before + 1)
-      slot_values = _write_rows(slot_values, values.astype(slot_values.dtype), closed_before + 1)
+      slot_keys = write_rows(slot_keys, keys.astype(slot_keys.dtype), closed_before + 1)
+      slot_values = write_rows(slot_values, values.astype(slot_values.dtype), closed_before + 1)
       return global_cache, slot_keys, slot_values
 
-    operands = (cache.global_cache, cache.slot_keys_BxPxQxHxK, cache.slot_values_BxPxQxHxK)
+    operands = (cache.global_cache, cache.slot_keys_BxMxQxHxK, cache.slot_values_BxMxQxHxK)
     global_cache, slot_keys, slot_values = jax.lax.cond(jnp.any(closing_B > 0), run_global, lambda ops: ops, operands)
 
     # Local decoder on the new bytes, each reading the slot of its patch.
-    new_slots = _take_rows(patch_ids, start_B[:, None] + jnp.arange(n, dtype=jnp.int32))
+    new_slots = take_rows(patch_ids, start_B[:, None] + jnp.arange(n, dtype=jnp.int32))
     bos_k, bos_v = self.bos_keys_values()
     first = (new_slots == 0)[..., None, None, None]
-    keys = jnp.where(first, bos_k.astype(slot_keys.dtype), _take_rows(slot_keys, new_slots))
-    values = jnp.where(first, bos_v.astype(slot_values.dtype), _take_rows(slot_values, new_slots))
+    keys = jnp.where(first, bos_k.astype(slot_keys.dtype), take_rows(slot_keys, new_slots))
+    values = jnp.where(first, bos_v.astype(slot_values.dtype), take_rows(slot_values, new_slots))
     x = self.decoder_inputs(new_states, keys, values)
     hidden, decoder_cache = self.decoder.decode(x, cache.decoder_cache.replace(lengths_B=start_B))
     new_cache = BLTCache(
         lengths_B=total_B, bytes_BxS=bytes_buf, entropies_BxS=entropies_buf, encoder_states_BxSxD=states_buf,
-        slot_keys_BxPxQxHxK=slot_keys, slot_values_BxPxQxHxK=slot_values, encoder_cache=encoder_cache,
+        slot_keys_BxMxQxHxK=slot_keys, slot_values_BxMxQxHxK=slot_values, encoder_cache=encoder_cache,
         global_cache=global_cache, decoder_cache=decoder_cache, entropy_cache=entropy_cache,
     )
     return ModelOutput(self.unembed(hidden), hidden), new_cache
@@ -545,7 +484,7 @@ class BLT(nnx.Module):
 def patch_metrics(patches: Patches, segment_ids_BxT) -> dict:
   """Average patch size and overflow counters of a batch (for logs)."""
   real = jnp.sum(segment_ids_BxT != 0)
-  num = jnp.sum(patches.valid_BxK)
+  num = jnp.sum(patches.valid_BxM)
   return {
       "average_patch_size": real / jnp.maximum(num, 1),
       "overflow_bytes": jnp.sum(patches.overflow_bytes_B),
@@ -555,8 +494,6 @@ def patch_metrics(patches: Patches, segment_ids_BxT) -> dict:
 
 def blt_loss(model, batch):
   """``next_byte_loss`` plus patch metrics (average patch size, overflow bytes) for ``train(..., loss_fn=)``."""
-  from bytescale.ops.losses import masked_cross_entropy
-
   output, patches = model.forward(batch["inputs"], batch["segment_ids"])
   nll_sum, count = masked_cross_entropy(output.logits_BxTxV, batch["targets"], batch["loss_mask"])
   loss = nll_sum / jnp.maximum(count, 1.0)
@@ -577,8 +514,6 @@ def flops_per_byte(config: BLTConfig, seq_len: int, average_patch_size: float | 
   ``include_entropy_model`` adds the entropy model's forward passes (entropy patching only) as separate
   ``entropy_model.*`` components, frozen (training factor 1); the default total excludes them, as the paper does.
   """
-  from bytescale import flops
-
   c = config
   if average_patch_size is None:
     average_patch_size = float(c.patching.stride) if c.patching.patcher == "strided" else 4.5
@@ -606,38 +541,38 @@ def flops_per_byte(config: BLTConfig, seq_len: int, average_patch_size: float | 
   }) + (_entropy_model_flops(c, seq_len, **kw) if include_entropy_model else flops.FlopCount({}))
 
 
-def _entropy_model_flops(config: BLTConfig, seq_len: int, **kw):
-  from bytescale import flops
+def entropy_model_flops(entropy_config: ByteLMConfig, seq_len: int, *, context: int | None = None,
+                        overlap: int | None = None, convention="exact", attention="causal",
+                        prefix="entropy_model.") -> flops.FlopCount:
+  """FLOPs per byte of a frozen entropy model (BLT's patcher) scoring ``seq_len`` bytes, forward only.
 
+  A row longer than ``context`` (default: the model's ``max_seq_len``) is scored in overlapping windows of
+  ``context`` bytes (``bytescale.entropy.window_layout``): each window is a full forward pass.
+  """
+  context = context or entropy_config.max_seq_len
+  starts, _ = entropy.window_layout(seq_len, context, overlap)
+  window = seq_len if len(starts) == 1 else context
+  count = bytelm.flops_per_byte(entropy_config, window, convention=convention, attention=attention)
+  return count.scaled(len(starts) * window / seq_len, prefix).as_frozen()
+
+
+def _entropy_model_flops(config: BLTConfig, seq_len: int, **kw):
   if not config.patching.needs_entropies:
     return flops.FlopCount({})
   if config.entropy_model_config is None:
     raise ConfigError("BLTConfig.entropy_model_config: unknown, so the entropy model's FLOPs cannot be counted; "
                       "set entropy_model=DIR (or entropy_model_config) or count without include_entropy_model")
   pc = config.patching
-  return flops.entropy_model_flops(config.entropy_model_config, seq_len, context=pc.entropy_context,
+  return entropy_model_flops(config.entropy_model_config, seq_len, context=pc.entropy_context,
                                    overlap=pc.entropy_overlap, **kw)
-
-
-def _register_flops():
-  from bytescale import flops
-
-  flops.register_flop_counter(
-      BLTConfig, lambda config, seq_len, *, convention="exact", attention="causal": flops_per_byte(
-          config, seq_len, convention=convention, attention=attention))
-
-
-_register_flops()
 
 
 # --- Presets ----------------------------------------------------------------------------------------------
 
 def _stack(d, layers, heads, window=None, rope_theta=10000.0, kv_heads=None, head_dim=None):
-  from bytescale.configs import _swiglu_hidden
-
   return TransformerConfig(
       d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads or heads, head_dim=head_dim or d // heads,
-      mlp_hidden=_swiglu_hidden(d), window=window, rope=rope.RopeConfig(rope_theta=rope_theta),
+      mlp_hidden=swiglu_hidden(d), window=window, rope=rope.RopeConfig(rope_theta=rope_theta),
   )
 
 
@@ -665,7 +600,3 @@ PRESETS = {
     "1b": _blt(1024, 1, 2048, 25, 1024, 9, heads_e=16, heads_g=16, heads_d=16, window=512, buckets=500_002,
                seq=8192, ratio=0.5, theta=500000.0),
 }
-
-
-register_model("blt", BLTConfig, BLT, PRESETS,
-               "Byte Latent Transformer: entropy/space/strided patches, hash n-gram embeddings, local enc/dec")

@@ -19,8 +19,8 @@ prediction of byte ``t + 1`` from bytes ``<= t``); rows of any length are padded
 and the outputs sliced back.
 
 Packed documents, and a patch that straddles two of them: local position j belongs to the document of byte
-j - 1; a patch's *owner* is the document of its first local position; global position k's input keeps only the
-owner's bytes of input patch k - 1 (pad-patch slices elsewhere) and global attention links positions with the
+j - 1; a patch's *owner* is the document of its first local position; global position m's input keeps only the
+owner's bytes of input patch m - 1 (pad-patch slices elsewhere) and global attention links positions with the
 same owner; positions of another document (one that started inside the patch) get no global context; local
 attention stays within a document. So an output depends on every byte of its own document up to itself and on
 nothing else.
@@ -46,26 +46,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from bytescale import vocab
-from bytescale.configs import TransformerConfig, check
-from bytescale.models.base import ModelOutput, register_model
+from bytescale import flops, vocab
+from bytescale.configs import TransformerConfig, check, swiglu_hidden
+from bytescale.models.base import ModelOutput
 from bytescale.nn import Embedding, RMSNorm, TransformerStack
-from bytescale.nn.layers import SwiGLU, param, scaled_normal
-from bytescale.nn.transformer import REMAT_POLICIES, KVCache
-from bytescale.ops import attention as attention_ops
+from bytescale.nn.layers import param, scaled_normal, unembed
+from bytescale.nn.transformer import KVCache, scan_blocks, stacked_blocks
 from bytescale.ops import patches as patch_ops
-from bytescale.ops import rope
-from bytescale.ops.attention import segment_positions
-
-
-def _swiglu_hidden(d: int, multiple: int = 32) -> int:
-  return -(-(8 * d // 3) // multiple) * multiple
+from bytescale.ops.mask import AttentionMask, segment_positions
+from bytescale.ops.rows import write_rows
 
 
 def _stack(d, layers, heads, head_dim=None, kv_heads=None, **kwargs) -> TransformerConfig:
   head_dim = head_dim or d // heads
   return TransformerConfig(d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads or heads,
-                           head_dim=head_dim, mlp_hidden=_swiglu_hidden(d), **kwargs)
+                           head_dim=head_dim, mlp_hidden=swiglu_hidden(d), **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,104 +115,47 @@ class MegaByteConfig:
 
 # --- The local model: causal attention inside patches (plus r positions of the previous patch) ----------------
 
-class LocalBlock(nnx.Module):
-  """Pre-norm block whose attention sees a window of keys given by the caller (patch, cross-patch or cache)."""
-
-  def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
-    c = config
-    self.config = c
-    self.dtype = jnp.dtype(c.dtype)
-    self.attention_norm = RMSNorm(c.d_model, eps=c.norm_eps, rngs=rngs)
-    init = scaled_normal(c.d_model)
-    self.wq_DxHxK = param(rngs, init, (c.d_model, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"))
-    self.wk_DxGxK = param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
-    self.wv_DxGxK = param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
-    self.wo_HxKxD = param(rngs, scaled_normal(c.num_heads * c.head_dim), (c.num_heads, c.head_dim, c.d_model),
-                          ("heads", "head_dim", "embed"))
-    self.mlp_norm = RMSNorm(c.d_model, eps=c.norm_eps, rngs=rngs)
-    self.mlp = SwiGLU(c.d_model, c.mlp_hidden, dtype=self.dtype, rngs=rngs)
-
-  def qkv(self, x_BxTxD, positions_BxT):
-    """Rotated queries and keys, and values, of the normed input (absolute positions: RoPE is relative)."""
-    h = self.attention_norm(x_BxTxD).astype(self.dtype)
-    q = jnp.einsum("btd,dhk->bthk", h, self.wq_DxHxK[...].astype(self.dtype))
-    k = jnp.einsum("btd,dgk->btgk", h, self.wk_DxGxK[...].astype(self.dtype))
-    v = jnp.einsum("btd,dgk->btgk", h, self.wv_DxGxK[...].astype(self.dtype))
-    q = rope.rotate(q, positions_BxT, self.config.rope)
-    k = rope.rotate(k, positions_BxT, self.config.rope)
-    return q, k, v
-
-  def finish(self, x_BxTxD, attended_BxTxHxK):
-    """Residual of the attention output, then the MLP."""
-    out = jnp.einsum("bthk,hkd->btd", attended_BxTxHxK, self.wo_HxKxD[...].astype(self.dtype))
-    x = x_BxTxD + out.astype(x_BxTxD.dtype)
-    return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
-
-  def attend(self, q, k, v, *, q_positions, kv_positions, q_segments, kv_segments):
-    c = self.config
-    return attention_ops.attention(
-        q, k, v, q_positions_BxT=q_positions, kv_positions_BxS=kv_positions, q_segment_ids_BxT=q_segments,
-        kv_segment_ids_BxS=kv_segments, causal=True, window=c.window, impl=c.attention_impl,
-    )
-
-
 class LocalStack(nnx.Module):
-  """``num_layers`` local blocks stacked on a ``layers`` axis; scanned (and rematerialised) like TransformerStack."""
+  """``num_layers`` ``nn.transformer.Block``s stacked on a ``layers`` axis and run like ``TransformerStack``
+  (``scan_blocks``: scan, remat), whose attention sees a window of keys arranged here: the patch (plus r
+  positions of the previous patch) in the forward pass, the cache slots of that window in ``decode``."""
 
   def __init__(self, config: TransformerConfig, *, patch_size: int, cross_patch_r: int, rngs: nnx.Rngs):
     self.config = config
     self.patch_size = patch_size
     self.cross_patch_r = cross_patch_r
+    self.blocks = stacked_blocks(config, rngs)
 
-    @nnx.split_rngs(splits=config.num_layers)
-    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make_blocks(rngs):
-      return LocalBlock(config, rngs=rngs)
-
-    self.blocks = make_blocks(rngs)
-
-  def _run_layers(self, layer, carry):
-    graphdef, state = nnx.split(self.blocks)
-    policy = self.config.remat
-
-    def body(carry, layer_state):
-      return layer(nnx.merge(graphdef, layer_state), carry), None
-
-    if policy != "none":
-      body = jax.checkpoint(body, policy=REMAT_POLICIES[policy], prevent_cse=not self.config.scan_layers)
-    if self.config.scan_layers:
-      return jax.lax.scan(body, carry, state)[0]
-    for i in range(self.config.num_layers):
-      carry, _ = body(carry, jax.tree.map(lambda a, i=i: a[i], state))
-    return carry
-
-  def __call__(self, x_BxKxPxD, positions_BxKxP, segments_BxKxP):
+  def __call__(self, x_BxMxPxD, positions_BxMxP, segments_BxMxP):
     """All patches in parallel; segment 0 marks positions that belong to no document."""
-    b, k, p, d = x_BxKxPxD.shape
+    b, m, p, d = x_BxMxPxD.shape
     r = self.cross_patch_r
 
-    def with_previous(a_BxKxPx___, fill):
+    def with_previous(a_BxMxPx___, fill):
       """Prepends the last r positions of the previous patch (``fill`` before patch 0)."""
       if not r:
-        return a_BxKxPx___
-      previous = patch_ops.shift_patches(a_BxKxPx___, jnp.full_like(a_BxKxPx___[:, :1], fill))
-      return jnp.concatenate([previous[:, :, p - r:], a_BxKxPx___], axis=2)
+        return a_BxMxPx___
+      previous = patch_ops.shift_patches(a_BxMxPx___, jnp.full_like(a_BxMxPx___[:, :1], fill))
+      return jnp.concatenate([previous[:, :, p - r:], a_BxMxPx___], axis=2)
 
-    q_positions = positions_BxKxP.reshape(b * k, p)
-    q_segments = segments_BxKxP.reshape(b * k, p)
-    kv_positions = with_previous(positions_BxKxP, 0).reshape(b * k, r + p)
-    kv_segments = with_previous(segments_BxKxP, 0).reshape(b * k, r + p)
+    # One attention row per patch: its P queries and its r + P keys.
+    mask = AttentionMask(
+        positions_BxMxP.reshape(b * m, p), with_previous(positions_BxMxP, 0).reshape(b * m, r + p),
+        segments_BxMxP.reshape(b * m, p), with_previous(segments_BxMxP, 0).reshape(b * m, r + p),
+        causal=True, window=self.config.window,
+    )
+    positions_BxT = positions_BxMxP.reshape(b, m * p)
 
-    def layer(block, x_BxTxD):
-      q, key, value = block.qkv(x_BxTxD, positions_BxKxP.reshape(b, k * p))
-      split = lambda a: a.reshape(b, k, p, *a.shape[2:])  # noqa: E731
-      key = with_previous(split(key), 0).reshape(b * k, r + p, *key.shape[2:])
-      value = with_previous(split(value), 0).reshape(b * k, r + p, *value.shape[2:])
-      attended = block.attend(q.reshape(b * k, p, *q.shape[2:]), key, value, q_positions=q_positions,
-                              kv_positions=kv_positions, q_segments=q_segments, kv_segments=kv_segments)
-      return block.finish(x_BxTxD, attended.reshape(b, k * p, *attended.shape[2:]))
+    def attend(attention, h_BxTxD):
+      q, key, value = attention.project(h_BxTxD, positions_BxT)  # absolute positions: RoPE is relative
+      by_patch = lambda a: a.reshape(b, m, p, *a.shape[2:])  # noqa: E731
+      key = with_previous(by_patch(key), 0).reshape(b * m, r + p, *key.shape[2:])
+      value = with_previous(by_patch(value), 0).reshape(b * m, r + p, *value.shape[2:])
+      out = attention.attend(q.reshape(b * m, p, *q.shape[2:]), key, value, mask)
+      return out.reshape(b, m * p, -1), None
 
-    return self._run_layers(layer, x_BxKxPxD.reshape(b, k * p, d)).reshape(b, k, p, d)
+    layer = lambda block, x_BxTxD: block.apply_with(x_BxTxD, attend)[0]  # noqa: E731
+    return scan_blocks(self.blocks, self.config, layer, x_BxMxPxD.reshape(b, m * p, d)).reshape(b, m, p, d)
 
   def init_cache(self, batch: int, slots: int):
     c = self.config
@@ -234,27 +172,34 @@ class LocalStack(nnx.Module):
     slots = k_LxBxSxGxK.shape[2]
     rows_Bx1 = jnp.arange(b)[:, None]
     window_BxNxW = (positions_BxN // p * p - r)[..., None] + jnp.arange(r + p, dtype=jnp.int32)
-    window_valid = ((window_BxNxW >= first_valid) & (window_BxNxW < slots)).astype(jnp.int32)
-    window_slots = jnp.clip(window_BxNxW, 0, slots - 1)
+    window_valid_BxNxW = ((window_BxNxW >= first_valid) & (window_BxNxW < slots)).astype(jnp.int32)
+    window_slots_BxNxW = jnp.clip(window_BxNxW, 0, slots - 1)
+    # One attention row per new position: one query, its window of r + P slots.
+    mask = AttentionMask(
+        positions_BxN.reshape(b * n, 1), window_BxNxW.reshape(b * n, r + p), jnp.ones((b * n, 1), jnp.int32),
+        window_valid_BxNxW.reshape(b * n, r + p), causal=True, window=self.config.window,
+    )
     graphdef, state = nnx.split(self.blocks)
 
     def body(carry, inputs):
       x, k_all, v_all = carry
       index, layer_state = inputs
-      block = nnx.merge(graphdef, layer_state)
-      q, key, value = block.qkv(x, positions_BxN)
-      # The whole cache rides in the carry so that each layer updates it in place.
-      k_all = k_all.at[index, rows_Bx1, positions_BxN].set(key.astype(k_all.dtype), mode="drop")
-      v_all = v_all.at[index, rows_Bx1, positions_BxN].set(value.astype(v_all.dtype), mode="drop")
-      keys = k_all[index][rows_Bx1[..., None], window_slots].astype(block.dtype)
-      values = v_all[index][rows_Bx1[..., None], window_slots].astype(block.dtype)
-      attended = block.attend(
-          q.reshape(b * n, 1, *q.shape[2:]), keys.reshape(b * n, r + p, *keys.shape[3:]),
-          values.reshape(b * n, r + p, *values.shape[3:]),
-          q_positions=positions_BxN.reshape(b * n, 1), kv_positions=window_BxNxW.reshape(b * n, r + p),
-          q_segments=jnp.ones((b * n, 1), jnp.int32), kv_segments=window_valid.reshape(b * n, r + p),
-      )
-      return (block.finish(x, attended.reshape(b, n, *attended.shape[2:])), k_all, v_all), None
+
+      def attend(attention, h_BxNxD):
+        q, key, value = attention.project(h_BxNxD, positions_BxN)
+        # The whole cache rides in the carry so that each layer updates it in place.
+        k_new = k_all.at[index, rows_Bx1, positions_BxN].set(key.astype(k_all.dtype), mode="drop")
+        v_new = v_all.at[index, rows_Bx1, positions_BxN].set(value.astype(v_all.dtype), mode="drop")
+        keys = k_new[index][rows_Bx1[..., None], window_slots_BxNxW].astype(attention.dtype)
+        values = v_new[index][rows_Bx1[..., None], window_slots_BxNxW].astype(attention.dtype)
+        out = attention.attend(
+            q.reshape(b * n, 1, *q.shape[2:]), keys.reshape(b * n, r + p, *keys.shape[3:]),
+            values.reshape(b * n, r + p, *values.shape[3:]), mask,
+        )
+        return out.reshape(b, n, -1), (k_new, v_new)
+
+      x, (k_all, v_all) = nnx.merge(graphdef, layer_state).apply_with(x, attend)
+      return (x, k_all, v_all), None
 
     layers = jnp.arange(self.config.num_layers)
     (x, k_all, v_all), _ = jax.lax.scan(body, (x_BxNxD, k_LxBxSxGxK, v_LxBxSxGxK), (layers, state))
@@ -309,22 +254,22 @@ class MegaByte(nnx.Module):
     p, d_g, d_l = c.patch_size, c.d_global_embed, c.local_stack.d_model
     self.global_embed = Embedding(vocab.VOCAB_SIZE, d_g, rngs=rngs)
     if c.global_pos_embed:
-      self.global_pos_SxD = param(rngs, jax.nn.initializers.normal(0.02), (c.max_seq_len, d_g), ("sequence", "embed"))
-    self.pad_patch_PxD = param(rngs, jax.nn.initializers.normal(1.0), (p, d_g), (None, "embed"))
+      self.global_pos = param(rngs, jax.nn.initializers.normal(0.02), (c.max_seq_len, d_g), ("sequence", "embed"))
+    self.pad_patch = param(rngs, jax.nn.initializers.normal(1.0), (p, d_g), (None, "embed"))
     self.global_stack = TransformerStack(c.global_stack, rngs=rngs)
     self.global_norm = RMSNorm(c.global_stack.d_model, eps=c.global_stack.norm_eps, rngs=rngs)
     if c.per_position_projection:
-      self.w_gl_PxGxL = param(rngs, scaled_normal(d_g), (p, d_g, d_l), (None, None, "embed"))
+      self.w_gl = param(rngs, scaled_normal(d_g), (p, d_g, d_l), (None, None, "embed"))
     else:
-      self.w_gl_GxL = param(rngs, scaled_normal(d_g), (d_g, d_l), (None, "embed"))
+      self.w_gl = param(rngs, scaled_normal(d_g), (d_g, d_l), (None, "embed"))
     self.local_embed = Embedding(vocab.VOCAB_SIZE, d_l, rngs=rngs)
-    self.local_pad_D = param(rngs, jax.nn.initializers.normal(1.0), (d_l,), ("embed",))
+    self.local_pad = param(rngs, jax.nn.initializers.normal(1.0), (d_l,), ("embed",))
     if c.local_pos_embed:
-      self.local_pos_PxD = param(rngs, jax.nn.initializers.normal(0.02), (p, d_l), (None, "embed"))
+      self.local_pos = param(rngs, jax.nn.initializers.normal(0.02), (p, d_l), (None, "embed"))
     self.local_stack = LocalStack(c.local_stack, patch_size=p, cross_patch_r=c.cross_patch_r, rngs=rngs)
     self.final_norm = RMSNorm(d_l, eps=c.local_stack.norm_eps, rngs=rngs)
     if not c.tie_embeddings:
-      self.unembed_DxV = param(rngs, scaled_normal(d_l), (d_l, vocab.VOCAB_SIZE), ("embed", "vocab"))
+      self.unembedding = param(rngs, scaled_normal(d_l), (d_l, vocab.VOCAB_SIZE), ("embed", "vocab"))
 
   @property
   def global_dtype(self):
@@ -341,37 +286,36 @@ class MegaByte(nnx.Module):
     x = self.global_embed(ids)
     if self.config.global_pos_embed:
       index = jnp.clip(positions, 0, self.config.max_seq_len - 1)
-      x = x + jnp.take(self.global_pos_SxD[...], index, axis=0)
+      x = x + jnp.take(self.global_pos[...], index, axis=0)
     return x
 
-  def _global_inputs(self, shifted_BxKxPxD, keep_BxKxP):
+  def _global_inputs(self, shifted_BxMxPxD, keep_BxMxP):
     """Kept byte vectors, pad-patch slices elsewhere, concatenated to ``P * D_G``."""
-    x = jnp.where(keep_BxKxP[..., None], shifted_BxKxPxD, self.pad_patch_PxD[...])
+    x = jnp.where(keep_BxMxP[..., None], shifted_BxMxPxD, self.pad_patch[...])
     return x.reshape(*x.shape[:2], -1).astype(self.global_dtype)
 
-  def _contexts(self, global_out_BxKxD):
-    """Normed global outputs split into P slices and projected to the local width: ``BxKxPxD_L``."""
+  def _contexts(self, global_out_BxMxD):
+    """Normed global outputs split into P slices and projected to the local width: ``BxMxPxD_L``."""
     c = self.config
-    g = self.global_norm(global_out_BxKxD).astype(self.local_dtype)
+    g = self.global_norm(global_out_BxMxD).astype(self.local_dtype)
     g = g.reshape(*g.shape[:2], c.patch_size, c.d_global_embed)
     if c.per_position_projection:
-      return jnp.einsum("bkpg,pgl->bkpl", g, self.w_gl_PxGxL[...].astype(g.dtype))
-    return jnp.einsum("bkpg,gl->bkpl", g, self.w_gl_GxL[...].astype(g.dtype))
+      return jnp.einsum("bmpg,pgl->bmpl", g, self.w_gl[...].astype(g.dtype))
+    return jnp.einsum("bmpg,gl->bmpl", g, self.w_gl[...].astype(g.dtype))
 
-  def _local_inputs(self, context_BxJxD, previous_ids_BxJ, in_patch_BxJ):
+  def _local_inputs(self, context_BxUxD, previous_ids_BxU, in_patch_BxU):
     """Context + embedding of the previous byte (the pad at in-patch position 0) (+ local position)."""
-    previous = jnp.where((in_patch_BxJ == 0)[..., None], self.local_pad_D[...], self.local_embed(previous_ids_BxJ))
-    x = context_BxJxD + previous.astype(self.local_dtype)
+    previous = jnp.where((in_patch_BxU == 0)[..., None], self.local_pad[...], self.local_embed(previous_ids_BxU))
+    x = context_BxUxD + previous.astype(self.local_dtype)
     if self.config.local_pos_embed:
-      x = x + jnp.take(self.local_pos_PxD[...], in_patch_BxJ, axis=0).astype(self.local_dtype)
+      x = x + jnp.take(self.local_pos[...], in_patch_BxU, axis=0).astype(self.local_dtype)
     return x
 
   def unembed(self, hidden_BxTxD):
     """Final norm and output projection; logits in float32."""
-    h = self.final_norm(hidden_BxTxD)
     if self.config.tie_embeddings:
-      return self.local_embed.attend(h.astype(jnp.float32))
-    return jnp.einsum("btd,dv->btv", h, self.unembed_DxV[...].astype(h.dtype)).astype(jnp.float32)
+      return unembed(self.final_norm, hidden_BxTxD, embedding=self.local_embed)
+    return unembed(self.final_norm, hidden_BxTxD, kernel_DxV=self.unembedding)
 
   # -- forward --
 
@@ -381,25 +325,25 @@ class MegaByte(nnx.Module):
     b, t = ids_BxT.shape
     p = c.patch_size
     j = patch_ops.num_local_positions(t, p)
-    k = j // p
+    m = j // p
     ids = patch_ops.pad_axis1(ids_BxT, j, vocab.PAD)
     segments = patch_ops.pad_axis1(segments_BxT, j, 0)
-    local_segments = patch_ops.local_segments(segments).reshape(b, k, p)
-    owners_BxK = patch_ops.patch_owners(local_segments)
+    local_segments = patch_ops.local_segments(segments).reshape(b, m, p)
+    owners_BxM = patch_ops.patch_owners(local_segments)
 
-    byte_vectors = self._byte_vectors(ids, segment_positions(segments)).reshape(b, k, p, -1)
-    pad_patch = jnp.broadcast_to(self.pad_patch_PxD[...], (b, 1, p, c.d_global_embed))
+    byte_vectors = self._byte_vectors(ids, segment_positions(segments)).reshape(b, m, p, -1)
+    pad_patch = jnp.broadcast_to(self.pad_patch[...], (b, 1, p, c.d_global_embed))
     shifted = patch_ops.shift_patches(byte_vectors, pad_patch.astype(byte_vectors.dtype))
-    keep = patch_ops.global_input_keep(segments.reshape(b, k, p), owners_BxK)
-    global_out = self.global_stack(self._global_inputs(shifted, keep), segment_positions(owners_BxK), owners_BxK)
+    keep = patch_ops.global_input_keep(segments.reshape(b, m, p), owners_BxM)
+    global_out = self.global_stack(self._global_inputs(shifted, keep), segment_positions(owners_BxM), owners_BxM)
     context = self._contexts(global_out)
-    context = context * patch_ops.has_global_context(local_segments, owners_BxK)[..., None].astype(context.dtype)
+    context = context * patch_ops.has_global_context(local_segments, owners_BxM)[..., None].astype(context.dtype)
 
     previous_ids = jnp.pad(ids[:, :-1], ((0, 0), (1, 0)), constant_values=vocab.PAD)
     in_patch = jnp.broadcast_to(jnp.arange(j, dtype=jnp.int32) % p, (b, j))
     x = self._local_inputs(context.reshape(b, j, -1), previous_ids, in_patch)
-    positions = jnp.broadcast_to(jnp.arange(j, dtype=jnp.int32), (b, j)).reshape(b, k, p)
-    hidden = self.local_stack(x.reshape(b, k, p, -1), positions, local_segments)
+    positions = jnp.broadcast_to(jnp.arange(j, dtype=jnp.int32), (b, j)).reshape(b, m, p)
+    hidden = self.local_stack(x.reshape(b, m, p, -1), positions, local_segments)
     return hidden.reshape(b, j, -1)[:, 1:t + 1]
 
   def __call__(self, bytes_BxT, segment_ids_BxT=None, *, patches=None) -> ModelOutput:
@@ -432,7 +376,7 @@ class MegaByte(nnx.Module):
     global_slots = (offset + max_len) // p + 2  # room for the static number of positions a decode call writes
     slots = global_slots * p
     global_kv = self.global_stack.init_cache(batch, global_slots)
-    pad_patch = jnp.broadcast_to(self.pad_patch_PxD[...], (batch, 1, p, c.d_global_embed))
+    pad_patch = jnp.broadcast_to(self.pad_patch[...], (batch, 1, p, c.d_global_embed))
     out, global_kv = self.global_stack.decode(self._global_inputs(pad_patch, jnp.zeros((batch, 1, p), bool)),
                                               global_kv)
     context = jnp.zeros((batch, slots, c.local_stack.d_model), self.local_dtype)
@@ -474,16 +418,15 @@ class MegaByte(nnx.Module):
 
     def run_global(state):
       global_kv, context = state
-      positions_BxC = first_new_B[:, None] + jnp.arange(count, dtype=jnp.int32)
-      source_BxCxP = (positions_BxC[..., None] - 1) * p + jnp.arange(p, dtype=jnp.int32)
-      flat_source = jnp.clip(source_BxCxP, 0, byte_buffer.shape[1] - 1).reshape(b, count * p)
+      positions_BxM = first_new_B[:, None] + jnp.arange(count, dtype=jnp.int32)
+      source_BxMxP = (positions_BxM[..., None] - 1) * p + jnp.arange(p, dtype=jnp.int32)
+      flat_source = jnp.clip(source_BxMxP, 0, byte_buffer.shape[1] - 1).reshape(b, count * p)
       source_ids = jnp.take_along_axis(byte_buffer, flat_source, axis=1)
       vectors = self._byte_vectors(source_ids, flat_source - o).reshape(b, count, p, -1)
-      x = self._global_inputs(vectors, source_BxCxP >= o)
+      x = self._global_inputs(vectors, source_BxMxP >= o)
       out, updated = self.global_stack.decode(x, global_kv.replace(lengths_B=first_new_B))
       new_context = self._contexts(out).reshape(b, count * p, -1).astype(context.dtype)
-      write = jax.vmap(lambda buffer, rows, start: jax.lax.dynamic_update_slice_in_dim(buffer, rows, start, axis=0))
-      return updated.replace(lengths_B=end_B), write(context, new_context, first_new_B * p)
+      return updated.replace(lengths_B=end_B), write_rows(context, new_context, first_new_B * p)
 
     global_kv, context = jax.lax.cond(
         jnp.any(end_B > first_new_B), run_global, lambda state: state, (cache.global_kv, cache.context_BxSxD)
@@ -533,7 +476,43 @@ PRESETS = {
     "paper": _megabyte(2048, 14, 16, 1024, 18, 16, 8, 8192, tie_embeddings=True),
 }
 
-register_model(
-    "megabyte", MegaByteConfig, MegaByte, PRESETS,
-    "MegaByte: global transformer over fixed patches of P bytes, local transformer inside each patch",
-)
+
+# --- FLOPs --------------------------------------------------------------------------------------------------
+
+def _local_keys(patch_size: int, cross_patch_r: int, window: int | None, *, convention: str, attention: str):
+  """Keys per query of MegaByte's local model: in-patch position i sees ``r + i + 1`` keys (causal), out of the
+  ``r + P`` a dense score matrix holds."""
+  span = patch_size + cross_patch_r
+  if convention == "spacebyte":
+    return float(span if window is None else min(window, span))
+  if attention == "dense":
+    return float(span)
+  seen = [cross_patch_r + i + 1 for i in range(patch_size)]
+  return sum(s if window is None else min(s, window) for s in seen) / patch_size
+
+
+def flops_per_byte(config: MegaByteConfig, seq_len: int, *, convention="exact", attention="causal") -> flops.FlopCount:
+  """Global model once per patch, projection and local model once per local position, unembedding per byte.
+
+  Exact: ``seq_len`` bytes fill ``U = ceil((seq_len + 1) / P) * P`` local positions (the pad patch shifts the
+  global input by one, rows are padded to whole patches) and ``U / P`` global positions, so a row of a whole
+  number of patches pays for one more patch. SpaceByte: ``T / P`` patches, the paper's formula. The local model
+  attends within its patch (plus ``cross_patch_r`` positions of the previous one). With ``strided_inference``
+  the forward pass runs a second pass over the row shifted by ``P // 2``; it is counted in the same components.
+  """
+  flops.check_convention(convention, attention)
+  p = config.patch_size
+  local = config.local_stack
+  d_local = local.d_model
+  local_keys = _local_keys(p, config.cross_patch_r, local.window, convention=convention, attention=attention)
+  count = flops.FlopCount({"unembed": 2.0 * d_local * vocab.VOCAB_SIZE * len(config.stream_offsets)})
+  for offset in config.stream_offsets:
+    stream = seq_len + offset
+    positions = patch_ops.num_local_positions(stream, p) if convention == "exact" else stream
+    patches = positions / p
+    count += flops.stack_flops(config.global_stack, patches, convention=convention, attention=attention,
+                         prefix="global_").scaled(patches / seq_len)
+    count += flops.stack_flops(local, p, convention=convention, attention=attention, prefix="local_",
+                         keys=local_keys).scaled(positions / seq_len)
+    count += flops.FlopCount({"global_to_local": 2.0 * config.d_global_embed * d_local * positions / seq_len})
+  return count

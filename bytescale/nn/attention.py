@@ -23,26 +23,33 @@ from bytescale.configs import TransformerConfig
 from bytescale.nn.layers import param, scaled_normal
 from bytescale.ops import attention as attention_ops
 from bytescale.ops import rope
+from bytescale.ops.mask import AttentionMask
+from bytescale.ops.rows import write_rows
 
 
 class Attention(nnx.Module):
+  """Projections ``wq`` ``DxHxK``, ``wk``/``wv`` ``DxGxK`` and ``wo`` ``HxKxD``; causal self-attention over a packed
+  row (``__call__``) or over a KV cache (``decode``). Callers that arrange the keys themselves (MegaByte's local
+  model) use the two halves: ``project`` (rotated q, k, v) and ``attend`` (attention under a mask, output
+  projection)."""
+
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     c = config
     self.config = c
     self.dtype = jnp.dtype(c.dtype)
     init = scaled_normal(c.d_model)
-    self.wq_DxHxK = param(rngs, init, (c.d_model, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"))
-    self.wk_DxGxK = param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
-    self.wv_DxGxK = param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
-    self.wo_HxKxD = param(rngs, scaled_normal(c.num_heads * c.head_dim), (c.num_heads, c.head_dim, c.d_model),
-                          ("heads", "head_dim", "embed"))
+    self.wq = param(rngs, init, (c.d_model, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"))
+    self.wk = param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
+    self.wv = param(rngs, init, (c.d_model, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"))
+    self.wo = param(rngs, scaled_normal(c.num_heads * c.head_dim), (c.num_heads, c.head_dim, c.d_model),
+                    ("heads", "head_dim", "embed"))
 
-  def _project(self, x_BxTxD):
+  def _qkv(self, x_BxTxD):
     """Unrotated queries, keys and values."""
     x = x_BxTxD.astype(self.dtype)
-    q = jnp.einsum("btd,dhk->bthk", x, self.wq_DxHxK[...].astype(self.dtype))
-    k = jnp.einsum("btd,dgk->btgk", x, self.wk_DxGxK[...].astype(self.dtype))
-    v = jnp.einsum("btd,dgk->btgk", x, self.wv_DxGxK[...].astype(self.dtype))
+    q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(self.dtype))
+    k = jnp.einsum("btd,dgk->btgk", x, self.wk[...].astype(self.dtype))
+    v = jnp.einsum("btd,dgk->btgk", x, self.wv[...].astype(self.dtype))
     return q, k, v
 
   def _rotate_rows(self, x_BxTxHxK, positions_BxT, seq_len_B):
@@ -53,22 +60,26 @@ class Attention(nnx.Module):
     rotate_row = lambda x, positions, seq_len: rope.rotate(x[None], positions[None], config, seq_len=seq_len)[0]
     return jax.vmap(rotate_row)(x_BxTxHxK, positions_BxT, seq_len_B)
 
-  def _output(self, out_BxTxHxK):
-    return jnp.einsum("bthk,hkd->btd", out_BxTxHxK, self.wo_HxKxD[...].astype(self.dtype))
+  def project(self, x_BxTxD, positions_BxT, *, seq_len=None):
+    """``(q BxTxHxK, k BxTxGxK, v BxTxGxK)`` of ``x`` in the compute dtype, q and k rotated at ``positions``.
+
+    ``seq_len`` is the current total length for length-dependent rope (``None``: ``max(positions) + 1``).
+    """
+    q, k, v = self._qkv(x_BxTxD)
+    q = rope.rotate(q, positions_BxT, self.config.rope, seq_len=seq_len)
+    k = rope.rotate(k, positions_BxT, self.config.rope, seq_len=seq_len)
+    return q, k, v
+
+  def attend(self, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask: AttentionMask):
+    """Attention under ``mask`` (``config.attention_impl``), then the output projection: ``BxTxD``."""
+    out_BxTxHxK = attention_ops.attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, impl=self.config.attention_impl)
+    return jnp.einsum("bthk,hkd->btd", out_BxTxHxK, self.wo[...].astype(self.dtype))
 
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
     """Self-attention over a whole (packed) sequence."""
-    q, k, v = self._project(x_BxTxD)
-    seq_len = x_BxTxD.shape[1]
-    q = rope.rotate(q, positions_BxT, self.config.rope, seq_len=seq_len)
-    k = rope.rotate(k, positions_BxT, self.config.rope, seq_len=seq_len)
-    out = attention_ops.attention(
-        q, k, v,
-        q_positions_BxT=positions_BxT, kv_positions_BxS=positions_BxT,
-        q_segment_ids_BxT=segment_ids_BxT, kv_segment_ids_BxS=segment_ids_BxT,
-        causal=True, window=self.config.window, impl=self.config.attention_impl,
-    )
-    return self._output(out)
+    q, k, v = self.project(x_BxTxD, positions_BxT, seq_len=x_BxTxD.shape[1])
+    mask = AttentionMask.self_attention(positions_BxT, segment_ids_BxT, causal=True, window=self.config.window)
+    return self.attend(q, k, v, mask)
 
   def decode(self, x_BxNxD, k_cache_BxSxGxK, v_cache_BxSxGxK, lengths_B, seq_len_B=None):
     """Appends N tokens per row at each row's ``lengths`` and attends over the cache.
@@ -78,24 +89,15 @@ class Attention(nnx.Module):
     cache passes the rows' real lengths (see the module docstring).
     """
     n = x_BxNxD.shape[1]
-    max_len = k_cache_BxSxGxK.shape[1]
     positions_BxN = lengths_B[:, None] + jnp.arange(n, dtype=jnp.int32)
     seq_len_B = lengths_B + n if seq_len_B is None else seq_len_B
-    q, k, v = self._project(x_BxNxD)
+    q, k, v = self._qkv(x_BxNxD)
     q = self._rotate_rows(q, positions_BxN, seq_len_B)
     k = self._rotate_rows(k, positions_BxN, seq_len_B)
-    write = jax.vmap(lambda cache, new, start: jax.lax.dynamic_update_slice_in_dim(cache, new, start, axis=0))
-    k_cache = write(k_cache_BxSxGxK, k.astype(k_cache_BxSxGxK.dtype), lengths_B)
-    v_cache = write(v_cache_BxSxGxK, v.astype(v_cache_BxSxGxK.dtype), lengths_B)
-    slots_BxS = jnp.broadcast_to(jnp.arange(max_len, dtype=jnp.int32), (x_BxNxD.shape[0], max_len))
-    kv_segments_BxS = (slots_BxS < (lengths_B[:, None] + n)).astype(jnp.int32)
-    out = attention_ops.attention(
-        q, k_cache.astype(self.dtype), v_cache.astype(self.dtype),
-        q_positions_BxT=positions_BxN, kv_positions_BxS=slots_BxS,
-        q_segment_ids_BxT=jnp.ones_like(positions_BxN), kv_segment_ids_BxS=kv_segments_BxS,
-        causal=True, window=self.config.window, impl=self.config.attention_impl,
-    )
-    return self._output(out), k_cache, v_cache
+    k_cache = write_rows(k_cache_BxSxGxK, k, lengths_B)
+    v_cache = write_rows(v_cache_BxSxGxK, v, lengths_B)
+    mask = AttentionMask.kv_cache(positions_BxN, k_cache_BxSxGxK.shape[1], lengths_B + n, window=self.config.window)
+    return self.attend(q, k_cache.astype(self.dtype), v_cache.astype(self.dtype), mask), k_cache, v_cache
 
 
 def decode_recomputing_stale_rows(run_layers, x_BxNxD, cache, rope_config):
@@ -111,8 +113,7 @@ def decode_recomputing_stale_rows(run_layers, x_BxNxD, cache, rope_config):
   n = x_BxNxD.shape[1]
   lengths_B = cache.lengths_B
   seq_len_B = lengths_B + n
-  write = jax.vmap(lambda buffer, new, start: jax.lax.dynamic_update_slice_in_dim(buffer, new, start, axis=0))
-  inputs_BxSxD = write(cache.inputs_BxSxD, x_BxNxD.astype(cache.inputs_BxSxD.dtype), lengths_B)
+  inputs_BxSxD = write_rows(cache.inputs_BxSxD, x_BxNxD, lengths_B)
   regime_B = rope.rotation_regime(rope_config, seq_len_B)
   stale = jnp.any((regime_B != cache.regime_B) & (lengths_B > 0))
 

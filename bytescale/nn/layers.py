@@ -43,25 +43,34 @@ class SwiGLU(nnx.Module):
 
   def __init__(self, d_model: int, hidden: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
     self.dtype = dtype
-    self.w_gate_DxF = param(rngs, scaled_normal(d_model), (d_model, hidden), ("embed", "mlp"))
-    self.w_up_DxF = param(rngs, scaled_normal(d_model), (d_model, hidden), ("embed", "mlp"))
-    self.w_down_FxD = param(rngs, scaled_normal(hidden), (hidden, d_model), ("mlp", "embed"))
+    self.w_gate = param(rngs, scaled_normal(d_model), (d_model, hidden), ("embed", "mlp"))
+    self.w_up = param(rngs, scaled_normal(d_model), (d_model, hidden), ("embed", "mlp"))
+    self.w_down = param(rngs, scaled_normal(hidden), (hidden, d_model), ("mlp", "embed"))
 
   def __call__(self, x_BxTxD):
     x = x_BxTxD.astype(self.dtype)
-    gate = jnp.einsum("btd,df->btf", x, self.w_gate_DxF[...].astype(self.dtype))
-    up = jnp.einsum("btd,df->btf", x, self.w_up_DxF[...].astype(self.dtype))
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.w_down_FxD[...].astype(self.dtype))
+    gate = jnp.einsum("btd,df->btf", x, self.w_gate[...].astype(self.dtype))
+    up = jnp.einsum("btd,df->btf", x, self.w_up[...].astype(self.dtype))
+    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.w_down[...].astype(self.dtype))
 
 
 class Embedding(nnx.Module):
   """A lookup table ``VxD``; ``attend`` multiplies by its transpose (tied unembedding)."""
 
   def __init__(self, num_embeddings: int, dim: int, *, names=("vocab", "embed"), rngs: nnx.Rngs):
-    self.table_VxD = param(rngs, jax.nn.initializers.normal(stddev=1.0), (num_embeddings, dim), names)
+    self.table = param(rngs, jax.nn.initializers.normal(stddev=1.0), (num_embeddings, dim), names)
 
   def __call__(self, ids):
-    return jnp.take(self.table_VxD[...], ids, axis=0)
+    return jnp.take(self.table[...], ids, axis=0)
 
   def attend(self, x_BxTxD):
-    return jnp.einsum("btd,vd->btv", x_BxTxD, self.table_VxD[...].astype(x_BxTxD.dtype))
+    return jnp.einsum("btd,vd->btv", x_BxTxD, self.table[...].astype(x_BxTxD.dtype))
+
+
+def unembed(norm: RMSNorm, hidden_BxTxD, *, kernel_DxV=None, embedding: Embedding | None = None):
+  """The unembedding every model shares: final norm, then the output matrix ``kernel_DxV`` or, tied, the
+  transpose of ``embedding``'s table. Logits in float32."""
+  h = norm(hidden_BxTxD)
+  if embedding is not None:
+    return embedding.attend(h.astype(jnp.float32))
+  return jnp.einsum("btd,dv->btv", h, kernel_DxV[...].astype(h.dtype)).astype(jnp.float32)

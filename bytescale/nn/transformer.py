@@ -1,7 +1,10 @@
-"""Pre-norm decoder block and a stack of blocks scanned over layers, with a KV cache for decoding."""
+"""Pre-norm decoder block and a stack of blocks scanned over layers, with a KV cache for decoding.
+
+``stacked_blocks`` and ``scan_blocks`` are the layer stacking and the layer loop (scan, remat) on their own, for
+stacks whose attention is arranged by the caller (MegaByte's local model) through ``Block.apply_with``.
+"""
 
 from __future__ import annotations
-
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +15,7 @@ from bytescale.configs import TransformerConfig
 from bytescale.nn.attention import Attention, decode_recomputing_stale_rows
 from bytescale.nn.layers import RMSNorm, SwiGLU
 
+# What each ``TransformerConfig.remat`` name (``configs.REMAT_POLICY_NAMES``) saves; "none" = no remat at all.
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -26,15 +30,55 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps, rngs=rngs)
     self.mlp = SwiGLU(config.d_model, config.mlp_hidden, dtype=jnp.dtype(config.dtype), rngs=rngs)
 
+  def apply_with(self, x_BxTxD, attend):
+    """The block around an attention the caller arranges: ``attend(self.attention, normed_BxTxD)`` returns
+    ``(out_BxTxD, aux)``, the attention output after ``wo`` and anything to hand back (e.g. updated caches); the
+    block adds the residuals and the MLP. Returns ``(x_BxTxD, aux)``."""
+    attended, aux = attend(self.attention, self.attention_norm(x_BxTxD))
+    x = x_BxTxD + attended.astype(x_BxTxD.dtype)
+    return x + self.mlp(self.mlp_norm(x)).astype(x.dtype), aux
+
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
-    x = x_BxTxD + self.attention(self.attention_norm(x_BxTxD), positions_BxT, segment_ids_BxT).astype(x_BxTxD.dtype)
-    return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
+    return self.apply_with(x_BxTxD, lambda attention, h: (attention(h, positions_BxT, segment_ids_BxT), None))[0]
 
   def decode(self, x_BxNxD, k_cache, v_cache, lengths_B, seq_len_B=None):
-    attended, k_cache, v_cache = self.attention.decode(self.attention_norm(x_BxNxD), k_cache, v_cache, lengths_B,
-                                                       seq_len_B)
-    x = x_BxNxD + attended.astype(x_BxNxD.dtype)
-    return x + self.mlp(self.mlp_norm(x)).astype(x.dtype), k_cache, v_cache
+    def attend(attention, h_BxNxD):
+      attended, k, v = attention.decode(h_BxNxD, k_cache, v_cache, lengths_B, seq_len_B)
+      return attended, (k, v)
+
+    x, (k_cache, v_cache) = self.apply_with(x_BxNxD, attend)
+    return x, k_cache, v_cache
+
+
+def stacked_blocks(config: TransformerConfig, rngs: nnx.Rngs) -> Block:
+  """``config.num_layers`` blocks as one ``Block`` whose parameters are stacked on a leading ``layers`` axis."""
+
+  @nnx.split_rngs(splits=config.num_layers)
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make_blocks(rngs):
+    return Block(config, rngs=rngs)
+
+  return make_blocks(rngs)
+
+
+def scan_blocks(blocks: Block, config: TransformerConfig, layer, carry):
+  """``carry = layer(block, carry)`` for every layer of the stacked ``blocks``, first to last.
+
+  With ``config.scan_layers`` one ``lax.scan`` over the stacked parameters (compile time independent of depth),
+  else a python loop; each layer is rematerialised as ``config.remat`` says.
+  """
+  graphdef, state = nnx.split(blocks)
+
+  def body(carry, layer_state):
+    return layer(nnx.merge(graphdef, layer_state), carry), None
+
+  if config.remat != "none":
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
+  if config.scan_layers:
+    return jax.lax.scan(body, carry, state)[0]
+  for i in range(config.num_layers):
+    carry, _ = body(carry, jax.tree.map(lambda a, i=i: a[i], state))
+  return carry
 
 
 @struct.dataclass
@@ -70,34 +114,14 @@ class TransformerStack(nnx.Module):
 
   def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
     self.config = config
-
-    @nnx.split_rngs(splits=config.num_layers)
-    @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
-    def make_blocks(rngs):
-      return Block(config, rngs=rngs)
-
-    self.blocks = make_blocks(rngs)
-
-  def _layer_fn(self, fn):
-    policy = self.config.remat
-    if policy == "none":
-      return fn
-    return jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=not self.config.scan_layers)
+    self.blocks = stacked_blocks(config, rngs)
 
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
-    graphdef, state = nnx.split(self.blocks)
+    def layer(block, x):
+      x = block(x, positions_BxT, segment_ids_BxT)
+      return parallel.constrain(x, ("batch", "sequence", "embed"))  # no-op without a mesh
 
-    def layer(x, layer_state):
-      x = nnx.merge(graphdef, layer_state)(x, positions_BxT, segment_ids_BxT)
-      return parallel.constrain(x, ("batch", "sequence", "embed")), None  # no-op without a mesh
-
-    layer = self._layer_fn(layer)
-    if self.config.scan_layers:
-      x, _ = jax.lax.scan(layer, x_BxTxD, state)
-      return x
-    for i in range(self.config.num_layers):
-      x_BxTxD, _ = layer(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], state))
-    return x_BxTxD
+    return scan_blocks(self.blocks, self.config, layer, x_BxTxD)
 
   def init_cache(self, batch: int, max_len: int, dtype=None) -> KVCache:
     c = self.config

@@ -20,7 +20,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from bytescale import vocab
-from bytescale.ops.attention import segment_positions
+from bytescale.ops.mask import segment_positions
 
 PRIME = 0x01000193  # FNV-1's 32-bit prime: odd, so multiplication by it is invertible modulo 2**32
 OUTSIDE = vocab.VOCAB_SIZE  # stands in for bytes before the document start

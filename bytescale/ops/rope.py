@@ -717,7 +717,7 @@ def rope_paths(model_config) -> list[str]:
   return found
 
 
-def _checked_rope_path(model_config, path: str) -> str:
+def checked_rope_path(model_config, path: str) -> str:
   available = rope_paths(model_config)
   if path in available:
     return path
@@ -731,7 +731,7 @@ def _checked_rope_path(model_config, path: str) -> str:
 def get_rope(model_config, path: str) -> RopeConfig:
   """The ``RopeConfig`` at ``path`` (a rope path, or the stack holding it: ``stack`` means ``stack.rope``)."""
   node = model_config
-  for name in _checked_rope_path(model_config, path).split("."):
+  for name in checked_rope_path(model_config, path).split("."):
     node = getattr(node, name)
   return node
 
@@ -747,7 +747,7 @@ def replace_rope(model_config, rope_config: RopeConfig, paths=None):
     return dataclasses.replace(node, **{names[0]: replaced(getattr(node, names[0]), names[1:])})
 
   for path in rope_paths(model_config) if paths is None else paths:
-    model_config = replaced(model_config, _checked_rope_path(model_config, path).split("."))
+    model_config = replaced(model_config, checked_rope_path(model_config, path).split("."))
   return model_config
 
 

@@ -14,12 +14,20 @@ from __future__ import annotations
 import json
 import os
 
+import dataclasses
+import re
+
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from flax import nnx
 
 from bytescale import configs
+from bytescale.models import registry
+from bytescale.models.blt import float32_config, freeze
+from bytescale.models.bytelm import ByteLM
 
 
 def _abstract(tree):
@@ -139,17 +147,91 @@ def resolve_checkpoint(directory: str) -> tuple[str, int]:
 
 
 def _param_name(path) -> str:
-  """``embed.table_VxD`` for a tree path (``nnx.Variable``'s own ``value`` attribute left out)."""
+  """``embed.table`` for a tree path (``nnx.Variable``'s own ``value`` attribute left out)."""
   names = [str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path]
   return ".".join(names[:-1] if names and names[-1] == "value" else names)
 
 
-def saved_param_shapes(root: str, step: int) -> dict[str, tuple[int, ...]]:
-  """Shape of every trained parameter in a checkpoint, by name, read from its metadata (no array is loaded)."""
+def _saved_tree(root: str, step: int) -> dict:
+  """The metadata tree of a checkpoint's ``state`` item (shapes and dtypes; no array is loaded)."""
   metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(os.path.join(root, str(step), "state")))
-  tree = getattr(metadata, "tree", metadata)
-  return {_param_name(path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree["params"])[0]}
+  return getattr(metadata, "tree", metadata)
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  return {_param_name(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def saved_param_shapes(root: str, step: int) -> dict[str, tuple[int, ...]]:
+  """Shape of every trained parameter in a checkpoint, by today's name (see :func:`upgrade_legacy_names`)."""
+  return _shapes(upgrade_legacy_names(_saved_tree(root, step)["params"]))
+
+
+# --- Checkpoints written before parameter names lost their shape suffixes ------------------------------------
+
+_LEGACY_SUFFIX = re.compile(r"_[A-Z0-9]+(?:x[A-Z0-9]+)*$")
+_LEGACY_RENAMES = {"unembed": "unembedding"}  # after the suffix is gone: names that became something else
+_ATTENTION_PROJECTIONS = ("wq", "wk", "wv", "wo")
+
+
+def upgrade_legacy_names(tree):
+  """A checkpoint's nested variable dict with today's names. Until issue #13, parameter names carried shape
+  suffixes (``wq_DxHxK``, ``table_VxD``, ``unembed_DxV``) and MegaByte's local blocks held their attention
+  projections directly; today they are ``wq``, ``table``, ``unembedding`` and ``blocks.attention.wq`` as in every
+  other block. A tree already in today's names comes back unchanged."""
+  if not isinstance(tree, dict):
+    return tree
+  upgraded = {}
+  for key, value in tree.items():
+    name = _LEGACY_SUFFIX.sub("", key) if isinstance(key, str) else key
+    upgraded[_LEGACY_RENAMES.get(name, name)] = upgrade_legacy_names(value)
+  if "attention_norm" in upgraded and "attention" not in upgraded and set(_ATTENTION_PROJECTIONS) <= set(upgraded):
+    upgraded["attention"] = {name: upgraded.pop(name) for name in _ATTENTION_PROJECTIONS}
+  return upgraded
+
+
+def restore_variables(root: str, step: int, target: dict, *, host: bool = False) -> dict:
+  """The checkpoint's model variables restored into ``target``'s structure and shardings: ``target`` maps
+  ``"params"`` (and optionally ``"frozen"``) to ``nnx.State``s, concrete or abstract (``jax.ShapeDtypeStruct``
+  leaves with shardings land sharded like them). Nothing else is read (no optimizer state, data iterator).
+
+  ``host``: numpy arrays instead (nothing touches a device: safe while tracing).
+
+  A checkpoint written with the old parameter names (:func:`upgrade_legacy_names`) is read whole onto the host
+  and renamed; one whose names or shapes still differ raises ``ConfigError`` naming the first such variable.
+  """
+  saved = {key: value for key, value in _saved_tree(root, step).items() if key in target}
+  abstract = _abstract(target)
+  manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(create=False))
+  try:
+    if _shapes(saved) == _shapes(abstract):  # today's names: straight onto the target shardings
+      restore_args = (jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract) if host
+                      else ocp.checkpoint_utils.construct_restore_args(abstract))
+      restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          item=abstract, restore_args=restore_args, partial_restore=True)))
+      return restored["state"]
+    upgraded = upgrade_legacy_names(saved)
+    _check_same_variables(_shapes(upgraded), _shapes(abstract), f"{root} (step {step})")
+    raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=saved, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), saved),
+        partial_restore=True)))["state"]
+  finally:
+    manager.close()
+  upgraded_raw = upgrade_legacy_names(raw)
+  values = {_param_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(upgraded_raw)[0]}
+  if host:
+    return jax.tree_util.tree_map_with_path(lambda path, _: values[_param_name(path)], abstract)
+  place = lambda path, like: jax.device_put(values[_param_name(path)], getattr(like, "sharding", None))  # noqa: E731
+  return jax.tree_util.tree_map_with_path(place, abstract)
+
+
+def _check_same_variables(saved: dict, target: dict, source: str):
+  for name in sorted(set(saved) | set(target)):
+    if saved.get(name) != target.get(name):
+      there = "missing" if name not in saved else f"shape {saved[name]}"
+      here = "missing" if name not in target else f"shape {target[name]}"
+      raise configs.ConfigError(f"checkpoint {source}: variable {name} is {there} there but {here} in the model "
+                                "built from its config")
 
 
 def check_params_match(saved: dict[str, tuple[int, ...]], params_like, source: str):
@@ -178,38 +260,100 @@ def load_params(directory: str, params_like) -> tuple[object, dict]:
   """
   root, step = resolve_checkpoint(directory)
   check_params_match(saved_param_shapes(root, step), params_like, f"{root} (step {step})")
-  abstract = {"params": _abstract(params_like)}
-  manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(create=False))
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract), partial_restore=True,
-  )))
-  manager.close()
-  return restored["state"]["params"], {"path": root, "step": step}
+  params = restore_variables(root, step, {"params": params_like})["params"]
+  return params, {"path": root, "step": step}
 
 
 def load_model(directory: str, step: int | None = None):
   """Rebuilds the model saved under ``directory`` with its trained parameters. Returns ``(model, meta)``."""
-  from flax import nnx
-
-  from bytescale.models import build_model
-
   meta = read_meta(directory, step)
-  model_config = configs.from_dict(meta["model_config"])
-  model = build_model(model_config)
+  model_config = registry.config_from_dict(meta["model_config"])
+  model = registry.build_model(model_config)
   graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
-  target = {"params": params, "frozen": frozen}
-  root = checkpoint_root(directory)
-  manager = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(create=False))
-  # Restore the model variables alone (optimizer state is not needed for inference), onto this process's
-  # default device whatever mesh saved them: restore args carry the target shardings.
-  abstract = _abstract(target)
-  restored = manager.restore(
-      meta["step"],
-      args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=abstract,
-          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-          partial_restore=True,
-      )),
-  )
-  manager.close()
-  return nnx.merge(graphdef, restored["state"]["params"], restored["state"]["frozen"]), meta
+  # The model variables alone (no optimizer state), onto this process's default device whatever mesh saved them.
+  restored = restore_variables(checkpoint_root(directory), meta["step"], {"params": params, "frozen": frozen})
+  return nnx.merge(graphdef, restored["params"], restored["frozen"]), meta
+
+
+# --- BLT's entropy model -------------------------------------------------------------------------------------
+
+def load_entropy_model(directory: str) -> ByteLM:
+  """The ByteLM saved under ``directory``, in float32 (whatever it trained in), with ``Frozen`` weights (for
+  ``BLT(..., entropy_lm=...)`` and ``bytescale.entropy``).
+
+  Safe to call while tracing (the training loop builds models inside ``jax.eval_shape`` and ``jax.jit``): the
+  model is built abstractly and the weights are restored from disk as concrete host arrays.
+  """
+  config = float32_config(_entropy_model_config(directory))
+  graphdefs = []
+
+  def build():  # shapes only (jax.eval_shape, not nnx.eval_shape: that would apply the logical shardings)
+    graphdef, params, rest = nnx.split(ByteLM(config, rngs=nnx.Rngs(0)), nnx.Param, ...)
+    graphdefs.append(graphdef)
+    return {"params": params, "frozen": rest}
+
+  target = jax.eval_shape(build)
+  restored = restore_variables(*resolve_checkpoint(directory), target, host=True)
+  # Parameters are stored in float32 whatever the compute dtype, so the float32 model takes them as they are.
+  as_float32 = lambda tree: jax.tree.map(lambda x: np.asarray(x, np.float32), tree)  # noqa: E731
+  return freeze(nnx.merge(graphdefs[0], as_float32(restored["params"]), as_float32(restored["frozen"])))
+
+
+def _entropy_model_config(directory: str) -> configs.ByteLMConfig:
+  try:
+    meta = read_meta(directory)
+  except (FileNotFoundError, ValueError) as error:
+    raise configs.ConfigError(f"BLTConfig.entropy_model: no checkpoint under {directory} ({error}); train one with "
+                              "`bytescale train --model bytelm --preset entropy-tiny --out DIR`") from None
+  if meta.get("model") != "bytelm":
+    raise configs.ConfigError(
+        f"BLTConfig.entropy_model: {directory} holds a {meta.get('model')!r} model; the entropy model must be a "
+        "bytelm checkpoint (bytescale train --model bytelm --preset entropy-tiny)")
+  return registry.config_from_dict(meta["model_config"])
+
+
+def _entropy_model_owners(config, path=()):
+  """Paths of the (nested) configs in ``config`` that name an entropy model (BLT's, also as a trunk)."""
+  if not dataclasses.is_dataclass(config):
+    return
+  names = {field.name for field in dataclasses.fields(config)}
+  if {"entropy_model", "entropy_model_config"} <= names:
+    yield path
+  for name in names:
+    yield from _entropy_model_owners(getattr(config, name), path + (name,))
+
+
+def resolve_entropy_model(config):
+  """``config`` with the entropy model of every BLT in it (``entropy_model=DIR``) made absolute and its
+  ``entropy_model_config`` read from ``DIR``. A directory that no longer exists is fine when the config is already
+  known (a saved run rebuilds without it); otherwise a ``ConfigError`` says how to make one."""
+  for path in _entropy_model_owners(config):
+    owner = config
+    for name in path:
+      owner = getattr(owner, name)
+    if owner.entropy_model is None:
+      continue
+    directory = os.path.abspath(os.path.expanduser(owner.entropy_model))
+    if os.path.isdir(directory):
+      updated = dataclasses.replace(owner, entropy_model=directory,
+                                    entropy_model_config=_entropy_model_config(directory))
+    elif owner.entropy_model_config is not None:
+      updated = dataclasses.replace(owner, entropy_model=directory)
+    else:
+      raise configs.ConfigError(
+          f"{type(owner).__name__}.entropy_model: {directory} does not exist; train an entropy model with "
+          "`bytescale train --model bytelm --preset entropy-tiny --out DIR` and pass its DIR")
+    config = configs.replace_paths(config, [(".".join(path), updated)]) if path else updated
+  return config
+
+
+def entropy_model_for(config):
+  """The trained entropy model ``config`` (resolved) patches with, or None: loaded from its directory when
+  ``config`` (or its trunk) is a BLT with entropy patching whose directory exists."""
+  for path in _entropy_model_owners(config):
+    owner = config
+    for name in path:
+      owner = getattr(owner, name)
+    if owner.patching.needs_entropies and owner.entropy_model and os.path.isdir(owner.entropy_model):
+      return load_entropy_model(owner.entropy_model)
+  return None

@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 
 from bytescale import configs, parallel
 from bytescale.data.pipeline import ByteCorpus, DataConfig, train_iterator
-from bytescale.models import build_model, model_name_for
-from bytescale.train.checkpoint import Checkpointer, latest_step, load_params, read_meta, resolve_checkpoint
+from bytescale.models.registry import build_model, model_name_for
+from bytescale.train.checkpoint import (Checkpointer, entropy_model_for, latest_step, load_params, read_meta,
+                                        resolve_checkpoint, resolve_entropy_model)
 from bytescale.train.evaluate import evaluate_bpb
 from bytescale.train.metrics import JsonlWriter
 from bytescale.train.state import init_train_state, learning_rate_schedule, make_optimizer
@@ -95,10 +96,13 @@ def sharded_training(model_config, train_config: configs.TrainConfig, mesh, rule
   tc = train_config
   rules = parallel.LOGICAL_AXIS_RULES if rules is None else rules
   optimizer = optimizer or make_optimizer(tc)
+  model_config = resolve_entropy_model(model_config)
+  entropy_lm = entropy_model_for(model_config)  # BLT's trained entropy model (host arrays), read once
   graphdefs = []
 
   def create():
-    graphdef, state = init_train_state(build_model(model_config, seed=tc.seed), optimizer)
+    model = build_model(model_config, seed=tc.seed, entropy_lm=entropy_lm)
+    graphdef, state = init_train_state(model, optimizer)
     graphdefs.append(graphdef)
     return state
 
@@ -182,32 +186,120 @@ def train(
     mesh_config: parallel.MeshConfig | None = None,
 ) -> TrainResult:
   tc = train_config
+  model_config = resolve_entropy_model(model_config)  # BLT: the entropy model's config goes into the run's meta
   model_name = model_name_for(model_config)
   mesh_config = mesh_config or parallel.MeshConfig()
   mesh = parallel.make_mesh(mesh_config)
   lead = jax.process_index() == 0  # only the first process writes metrics and progress
-  init_from, resume_step = None, latest_step(os.path.join(out_dir, "checkpoints"))
-  if tc.init_from and resume_step:
-    if lead:
-      _log(f"init_from {tc.init_from} ignored: {out_dir} already holds checkpoints (step {resume_step}); resuming")
-  elif tc.init_from:
-    init_from = _check_init_from(tc.init_from)  # before loading data or compiling anything
+  init_from = _warm_start_source(tc.init_from, out_dir, lead)  # before loading data or compiling anything
   corpus = corpus or ByteCorpus.load(data_config)
   setup = sharded_training(model_config, tc, mesh, mesh_config.resolved_rules(), loss_fn=loss_fn)
-  graphdef, train_step, eval_fn = setup.graphdef, setup.train_step, setup.eval_fn
   data_index, data_count = setup.data_slice()
   os.makedirs(out_dir, exist_ok=True)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.abstract_state.params))
   iterator = train_iterator(corpus, data_config, process_index=data_index, process_count=data_count)
-  meta = {
+  meta = _run_meta(model_name, preset, model_config, tc, data_config)
+  checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=tc.keep_checkpoints,
+                              save_every=tc.checkpoint_every)
+  state, start_step = _initial_state(setup, checkpointer, iterator, meta, out_dir, init_from, lead)
+
+  run = _Run(
+      tc=tc, setup=setup, corpus=corpus, iterator=iterator, checkpointer=checkpointer, meta=meta, lead=lead,
+      model_name=model_name, preset=preset, schedule=learning_rate_schedule(tc),
+      metrics_file=JsonlWriter(os.path.join(out_dir, "metrics.jsonl")) if lead else None,
+      bar=tqdm(total=tc.steps, initial=start_step, disable=not (progress and lead), file=sys.stderr,
+               dynamic_ncols=True, desc=f"train {model_name}/{preset}"),
+  )
+  at = _Progress(step=start_step)  # where the loop stands
+  started = time.perf_counter()
+  with _StopFlag() as stop, jax.set_mesh(mesh):
+    while at.step < tc.steps:
+      batch = setup.shard_batch({k: v for k, v in next(iterator).items() if k in BATCH_KEYS})
+      tick = time.perf_counter()
+      state, metrics = setup.train_step(state, batch)
+      metrics = jax.device_get(metrics)
+      at.advance(metrics, time.perf_counter() - tick, run.bytes_per_step)
+      if at.step % tc.log_every == 0 or at.step == tc.steps:
+        _log_step(run, at, state)
+      run.bar.update(1)
+      if tc.checkpoint_every and at.step % tc.checkpoint_every == 0:
+        checkpointer.save(at.step, state, meta=meta, data_iterator=iterator)
+      at.stopped_by = _agreed_stop(stop.raised or (
+          "max_seconds" if tc.max_seconds is not None and time.perf_counter() - started >= tc.max_seconds else None))
+      if at.stopped_by:
+        break
+    val_bpb, val_count = _finish(run, at, state)
+  return TrainResult(state.model(setup.graphdef), setup.graphdef, state, _summary(run, at, val_bpb, val_count), mesh)
+
+
+@dataclasses.dataclass
+class _Run:
+  """What the phases of one ``train`` call share: its configs, sharded setup, data, checkpoints and outputs."""
+
+  tc: configs.TrainConfig
+  setup: ShardedTraining
+  corpus: ByteCorpus
+  iterator: object  # the checkpointed train data iterator
+  checkpointer: Checkpointer
+  meta: dict  # the run's meta, saved with every checkpoint
+  lead: bool  # the first process: the one that writes metrics, progress and messages
+  model_name: str
+  preset: str
+  schedule: object  # step -> learning rate
+  metrics_file: JsonlWriter | None  # None on every process but the lead
+  bar: object  # the tqdm progress bar (disabled off the lead process or without ``progress``)
+
+  @property
+  def bytes_per_step(self) -> int:
+    return self.tc.batch_size * self.tc.seq_len
+
+
+@dataclasses.dataclass
+class _Progress:
+  """Where the loop stands: the step reached, what this call trained so far, and why it stopped."""
+
+  step: int
+  trained_steps: int = 0  # steps this call ran (a resumed run counts from its restored step)
+  train_seconds: float = 0.0  # their time, less the first step's (it includes compilation)
+  rate: float = 0.0  # bytes per second over ``train_seconds``
+  metrics: dict = dataclasses.field(default_factory=dict)  # the last step's, on the host
+  stopped_by: str | None = None  # a ``_STOP_REASONS`` entry
+
+  def advance(self, metrics: dict, elapsed: float, bytes_per_step: int):
+    """Counts one more trained step that took ``elapsed`` seconds and returned ``metrics``."""
+    self.metrics = metrics
+    self.step += 1
+    if self.trained_steps:  # the first step includes compilation
+      self.train_seconds += elapsed
+    self.trained_steps += 1
+    self.rate = bytes_per_step * (self.trained_steps - 1) / self.train_seconds if self.train_seconds else 0.0
+
+
+def _warm_start_source(init_from: str | None, out_dir: str, lead: bool) -> str | None:
+  """The checked ``TrainConfig.init_from`` to warm-start from, or None: none given, or ``out_dir`` already holds
+  checkpoints (the run resumes and ``init_from`` is ignored, with a message). Cheap: runs before data or compiling."""
+  resume_step = latest_step(os.path.join(out_dir, "checkpoints"))
+  if init_from and resume_step:
+    if lead:
+      _log(f"init_from {init_from} ignored: {out_dir} already holds checkpoints (step {resume_step}); resuming")
+    return None
+  return _check_init_from(init_from) if init_from else None
+
+
+def _run_meta(model_name: str, preset: str, model_config, tc: configs.TrainConfig, data_config: DataConfig) -> dict:
+  """The meta every checkpoint of the run carries; ``init_from`` is filled in by :func:`_initial_state`."""
+  return {
       "model": model_name, "preset": preset,
       "model_config": configs.to_dict(model_config),
       "train_config": configs.to_dict(tc),
       "data_config": dataclasses.asdict(data_config),
       "init_from": None,  # {"path": checkpoint root, "step": step} the parameters were warm-started from
   }
-  checkpointer = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=tc.keep_checkpoints,
-                              save_every=tc.checkpoint_every)
+
+
+def _initial_state(setup: ShardedTraining, checkpointer: Checkpointer, iterator, meta: dict, out_dir: str,
+                   init_from: str | None, lead: bool):
+  """``(state, start_step)``: the last checkpoint in ``out_dir`` (data iterator included) if there is one, else the
+  parameters of ``init_from`` at step 0, else a fresh init. Sets ``meta["init_from"]`` to the run's provenance."""
   start_step = checkpointer.latest_step() or 0
   if start_step:
     meta["init_from"] = _check_same_run(out_dir, meta).get("init_from")  # a resumed run keeps its provenance
@@ -221,68 +313,57 @@ def train(
       _log(f"warm start: parameters from {meta['init_from']['path']} step {meta['init_from']['step']}")
   else:
     state = setup.init_state()
+  return state, start_step
 
-  schedule = learning_rate_schedule(tc)
-  metrics_file = JsonlWriter(os.path.join(out_dir, "metrics.jsonl")) if lead else None
-  bytes_per_step = tc.batch_size * tc.seq_len
-  step = start_step
-  trained_steps, train_seconds = 0, 0.0
-  stopped_by = None
-  rate, metrics = 0.0, {}
-  bar = tqdm(total=tc.steps, initial=start_step, disable=not (progress and lead), file=sys.stderr,
-             dynamic_ncols=True, desc=f"train {model_name}/{preset}")
-  started = time.perf_counter()
-  with _StopFlag() as stop, jax.set_mesh(mesh):
-    while step < tc.steps:
-      batch = setup.shard_batch({k: v for k, v in next(iterator).items() if k in BATCH_KEYS})
-      tick = time.perf_counter()
-      state, metrics = train_step(state, batch)
-      metrics = jax.device_get(metrics)
-      elapsed = time.perf_counter() - tick
-      step += 1
-      if trained_steps:  # the first step includes compilation
-        train_seconds += elapsed
-      trained_steps += 1
-      rate = bytes_per_step * (trained_steps - 1) / train_seconds if train_seconds else 0.0
-      if step % tc.log_every == 0 or step == tc.steps:
-        record = {"step": step, "lr": float(schedule(step - 1)), "bytes_per_s": rate,
-                  **{k: float(v) for k, v in metrics.items()}}
-        if tc.eval_every and step % tc.eval_every == 0:
-          record["val_bpb"], _ = evaluate_bpb(graphdef, state.params, corpus.validation_tokens, frozen=state.frozen,
-                                              seq_len=tc.seq_len, batch_size=tc.batch_size,
-                                              max_batches=tc.eval_batches, eval_fn=eval_fn)
-        if metrics_file:
-          metrics_file.write(record)
-        bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", bpb=f"{float(metrics['bpb']):.3f}",
-                        bytes_s=f"{rate:,.0f}")
-      bar.update(1)
-      if tc.checkpoint_every and step % tc.checkpoint_every == 0:
-        checkpointer.save(step, state, meta=meta, data_iterator=iterator)
-      stopped_by = _agreed_stop(stop.raised or (
-          "max_seconds" if tc.max_seconds is not None and time.perf_counter() - started >= tc.max_seconds else None))
-      if stopped_by:
-        break
-    bar.close()
-    if checkpointer.latest_step() != step:
-      checkpointer.save(step, state, meta=meta, data_iterator=iterator, force=True)
-    checkpointer.close()
-    if metrics_file:
-      metrics_file.close()
-    if stopped_by in ("SIGTERM", "SIGINT") and lead:
-      _log(f"{stopped_by}: saved step {step} to {checkpointer.directory}; rerun with the same --out to resume")
 
-    val_bpb, val_count = evaluate_bpb(graphdef, state.params, corpus.validation_tokens, frozen=state.frozen,
-                                      seq_len=tc.seq_len, batch_size=tc.batch_size, max_batches=tc.eval_batches,
-                                      eval_fn=eval_fn)
-  summary = {
-      "model": model_name, "preset": preset, "params": num_params, "steps": step,
-      "train_bytes": step * bytes_per_step, "bytes_per_s": round(rate, 1), "val_bpb": round(val_bpb, 4),
-      "val_bytes": val_count, "checkpoint": checkpointer.directory, "stopped_by": stopped_by,
-      "final_loss": float(metrics["loss"]) if trained_steps else None,
+def _evaluate(run: _Run, state) -> tuple[float, int]:
+  """``(bits per byte, bytes)`` of ``state`` on the validation split (at most ``eval_batches`` batches)."""
+  tc = run.tc
+  return evaluate_bpb(run.setup.graphdef, state.params, run.corpus.validation_tokens, frozen=state.frozen,
+                      seq_len=tc.seq_len, batch_size=tc.batch_size, max_batches=tc.eval_batches,
+                      eval_fn=run.setup.eval_fn)
+
+
+def _log_step(run: _Run, at: _Progress, state):
+  """A logged step: its metrics.jsonl record (with ``val_bpb`` on eval steps) and the progress bar's postfix."""
+  tc, step, metrics = run.tc, at.step, at.metrics
+  record = {"step": step, "lr": float(run.schedule(step - 1)), "bytes_per_s": at.rate,
+            **{k: float(v) for k, v in metrics.items()}}
+  if tc.eval_every and step % tc.eval_every == 0:
+    record["val_bpb"], _ = _evaluate(run, state)
+  if run.metrics_file:
+    run.metrics_file.write(record)
+  run.bar.set_postfix(loss=f"{float(metrics['loss']):.3f}", bpb=f"{float(metrics['bpb']):.3f}",
+                      bytes_s=f"{at.rate:,.0f}")
+
+
+def _finish(run: _Run, at: _Progress, state) -> tuple[float, int]:
+  """Ends the loop: closes the bar, saves the last step (unless it just was), closes checkpoints and metrics, says
+  how to resume after a signal, and returns the final validation ``(bits per byte, bytes)``."""
+  checkpointer = run.checkpointer
+  run.bar.close()
+  if checkpointer.latest_step() != at.step:
+    checkpointer.save(at.step, state, meta=run.meta, data_iterator=run.iterator, force=True)
+  checkpointer.close()
+  if run.metrics_file:
+    run.metrics_file.close()
+  if at.stopped_by in ("SIGTERM", "SIGINT") and run.lead:
+    _log(f"{at.stopped_by}: saved step {at.step} to {checkpointer.directory}; rerun with the same --out to resume")
+  return _evaluate(run, state)
+
+
+def _summary(run: _Run, at: _Progress, val_bpb: float, val_count: int) -> dict:
+  """The run's summary: what ``bytescale train`` prints as its one JSON line."""
+  mesh = run.setup.mesh
+  return {
+      "model": run.model_name, "preset": run.preset,
+      "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(run.setup.abstract_state.params)),
+      "steps": at.step, "train_bytes": at.step * run.bytes_per_step, "bytes_per_s": round(at.rate, 1),
+      "val_bpb": round(val_bpb, 4), "val_bytes": val_count, "checkpoint": run.checkpointer.directory,
+      "stopped_by": at.stopped_by, "final_loss": float(at.metrics["loss"]) if at.trained_steps else None,
       "mesh": ",".join(f"{name}={size}" for name, size in zip(mesh.axis_names, mesh.axis_sizes)),
-      "devices": mesh.size, "processes": jax.process_count(), "init_from": meta["init_from"],
+      "devices": mesh.size, "processes": jax.process_count(), "init_from": run.meta["init_from"],
   }
-  return TrainResult(state.model(graphdef), graphdef, state, summary, mesh)
 
 
 _STOP_REASONS = (None, "max_seconds", "SIGINT", "SIGTERM")

@@ -36,12 +36,15 @@ import jax.numpy as jnp
 from flax import nnx, struct
 
 from bytescale import vocab
-from bytescale.configs import ByteLMConfig, ConfigError, TransformerConfig, check, replace_path
-from bytescale.models.base import MODELS, ModelOutput, model_name_for, register_model
+from bytescale import flops
+from bytescale.configs import ByteLMConfig, ConfigError, TransformerConfig, check, parse_value, replace_path
+from bytescale.models.base import ModelOutput
 from bytescale.nn.layers import Embedding, RMSNorm, param, scaled_normal
 from bytescale.nn.transformer import Block
-from bytescale.ops.attention import segment_positions
+from bytescale.ops.mask import segment_positions
 from bytescale.ops.losses import bits_per_byte, masked_cross_entropy
+from bytescale.ops.rows import read_rows, write_rows
+from bytescale.ops.sampling import greedy_ids
 
 VARIANTS = ("parallel", "sequential")
 DEEPSEEK_MTP_WEIGHT = 0.3  # DeepSeek-V3's lambda (0.3, later 0.1), shared evenly by the extra heads
@@ -60,7 +63,7 @@ def byte_stack_path(trunk_config) -> str:
   if path is None:
     raise ConfigError(
         f"MultiTokenConfig.trunk: {type(trunk_config).__name__} does not say which TransformerConfig holds its "
-        "byte-level states; add it to bytescale.heads.BYTE_STACK_PATHS or give the config a byte_stack_path")
+        "byte-level states; add it to bytescale.models.mtp.BYTE_STACK_PATHS or give the config a byte_stack_path")
   return path
 
 
@@ -166,14 +169,12 @@ def apply_overrides(model_config, raw: dict[str, str]):
   ``model_config`` with all of them at once, so their order does not matter."""
   import typing
 
-  from bytescale.configs import _parse
-
   hints = typing.get_type_hints(MultiTokenConfig)
   fields = {}
   for name, value in raw.items():
     if name not in MTP_FIELDS:
       raise ConfigError(f"--set {name}: not a multi-token field; use one of {', '.join(MTP_FIELDS)}")
-    fields[name] = _parse(value, hints[name], f"MultiTokenConfig.{name}")
+    fields[name] = parse_value(value, hints[name], f"MultiTokenConfig.{name}")
   return wrap(model_config, **fields)
 
 
@@ -187,11 +188,11 @@ class Combine(nnx.Module):
     self.dtype = jnp.dtype(config.dtype)
     self.hidden_norm = RMSNorm(d, eps=config.norm_eps, rngs=rngs)
     self.embed_norm = RMSNorm(d, eps=config.norm_eps, rngs=rngs)
-    self.proj_2DxD = param(rngs, scaled_normal(2 * d), (2 * d, d), ("embed", "embed"))
+    self.proj = param(rngs, scaled_normal(2 * d), (2 * d, d), ("embed", "embed"))
 
   def __call__(self, hidden_BxTxD, embedded_BxTxD):
     x = jnp.concatenate([self.hidden_norm(hidden_BxTxD), self.embed_norm(embedded_BxTxD)], axis=-1)
-    return jnp.einsum("btc,cd->btd", x.astype(self.dtype), self.proj_2DxD[...].astype(self.dtype))
+    return jnp.einsum("btc,cd->btd", x.astype(self.dtype), self.proj[...].astype(self.dtype))
 
 
 def _stacked(make, count: int, rngs: nnx.Rngs):
@@ -230,28 +231,17 @@ class MultiTokenCache:
   drafting: bool = struct.field(pytree_node=False, default=False)
 
 
-def _write_rows(buffer_BxS, new_BxN, start_B):
-  return jax.vmap(lambda buf, new, s: jax.lax.dynamic_update_slice_in_dim(buf, new, s, axis=0))(
-      buffer_BxS, new_BxN.astype(buffer_BxS.dtype), start_B)
-
-
-def _read_rows(buffer_BxS, start_B, size: int):
-  return jax.vmap(lambda buf, s: jax.lax.dynamic_slice_in_dim(buf, s, size, axis=0))(buffer_BxS, start_B)
-
-
-def _greedy(logits_xV):
-  from bytescale.speculative import greedy_ids
-
-  return greedy_ids(logits_xV)
+_greedy = greedy_ids
 
 
 class MultiTokenLM(nnx.Module):
   """A trunk model with n multi-token heads; speaks the model protocol through head 1 (the next byte)."""
 
-  def __init__(self, config: MultiTokenConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: MultiTokenConfig, *, trunk: nnx.Module, rngs: nnx.Rngs):
+    """``trunk``: the model built from ``config.effective_trunk`` (``bytescale.models.registry.build_model``
+    builds both)."""
     self.config = config
-    trunk_config = config.effective_trunk
-    self.trunk = MODELS[model_name_for(trunk_config)].model_type(trunk_config, rngs=rngs)
+    self.trunk = trunk
     head_config = config.head_stack
     self.heads = _stacked(lambda r: Block(head_config, rngs=r), config.mtp_heads, rngs)
     sequential = config.mtp_variant == "sequential" and config.mtp_heads > 1
@@ -259,7 +249,7 @@ class MultiTokenLM(nnx.Module):
                             if sequential else None)
     self.shared_embedding = next(
         (name for name in BYTE_EMBEDDINGS if isinstance(getattr(self.trunk, name, None), Embedding)
-         and getattr(self.trunk, name).table_VxD.shape[1] == head_config.d_model), None)
+         and getattr(self.trunk, name).table.shape[1] == head_config.d_model), None)
     self.byte_embed = nnx.data(Embedding(vocab.VOCAB_SIZE, head_config.d_model, rngs=rngs)
                                if sequential and self.shared_embedding is None else None)
 
@@ -363,10 +353,10 @@ class MultiTokenLM(nnx.Module):
           state, hidden, first, block_ids_BxU, cache.extra_k, cache.extra_v, start_B, None)
       new = new.replace(extra_k=k_extra, extra_v=v_extra)
       if self.sequential:
-        new = new.replace(draft_source_BxSxD=_write_rows(cache.draft_source_BxSxD, first, start_B),
-                          tokens_BxS=_write_rows(cache.tokens_BxS, bytes_BxN, start_B))
+        new = new.replace(draft_source_BxSxD=write_rows(cache.draft_source_BxSxD, first, start_B),
+                          tokens_BxS=write_rows(cache.tokens_BxS, bytes_BxN, start_B))
       else:
-        new = new.replace(proposals_BxSxJxD=_write_rows(cache.proposals_BxSxJxD, out_JxBxNxD.transpose(1, 2, 0, 3),
+        new = new.replace(proposals_BxSxJxD=write_rows(cache.proposals_BxSxJxD, out_JxBxNxD.transpose(1, 2, 0, 3),
                                                         start_B))
     return ModelOutput(self.unembed(first), first), new
 
@@ -420,8 +410,8 @@ class MultiTokenLM(nnx.Module):
     width = self.draft_window
     start_B = jnp.maximum(m_B - width, 0)
     last_B = m_B - 1 - start_B
-    source = _read_rows(cache.draft_source_BxSxD, start_B, width)
-    ids = _read_rows(cache.tokens_BxS, start_B, width + self.num_heads)
+    source = read_rows(cache.draft_source_BxSxD, start_B, width)
+    ids = read_rows(cache.tokens_BxS, start_B, width + self.num_heads)
     ids = ids.at[rows, m_B - start_B].set(next_B)
     _, state = nnx.split(self.heads)
     drafts_JxB, k, v = self._extra_heads_decode(state, source, source, ids, cache.extra_k, cache.extra_v,
@@ -511,33 +501,24 @@ def multi_token_loss(model: MultiTokenLM, batch, *, memory_efficient: bool | Non
   return loss, aux
 
 
-# --- Registration -------------------------------------------------------------------------------------------
+# --- FLOPs --------------------------------------------------------------------------------------------------
 
-def _register():
-  from bytescale import flops
-
-  def mtp_flops(config: MultiTokenConfig, seq_len: int, *, convention="exact", attention="causal"):
-    """Training forward: the trunk, then every head's block, unembedding (and sequential projections). The
-    trunk's ``unembed`` is head 1's (the trunk's own logits are never computed)."""
-    n = config.mtp_heads
-    count = flops.flops_per_byte(config.effective_trunk, seq_len, convention=convention, attention=attention)
-    head = config.head_stack
-    # The heads are plain blocks: the trunk stack's remat policy does not apply to them.
-    count += flops.stack_flops(dataclasses.replace(head, num_layers=n, remat="none"), seq_len,
-                               convention=convention, attention=attention, prefix="mtp_heads.")
-    extra = {"mtp_heads.unembed": (n - 1) * 2.0 * head.d_model * vocab.VOCAB_SIZE}
-    if config.mtp_variant == "sequential":
-      extra["mtp_heads.combine"] = (n - 1) * 2.0 * 2 * head.d_model * head.d_model
-    count += flops.FlopCount(extra)
-    if config.mtp_memory_efficient:
-      # The memory-efficient loss recomputes every head (block, combine, unembedding) in the backward pass.
-      count = count.with_recomputed(name for name in count.components
-                                    if name.startswith("mtp_heads.") or name == "unembed")
-    return count
-
-  flops.register_flop_counter(MultiTokenConfig, mtp_flops)
-  register_model("mtp", MultiTokenConfig, MultiTokenLM, {},
-                 "multi-token prediction heads on any trunk model (built with --set mtp_heads=N)")
-
-
-_register()
+def flops_per_byte(config: MultiTokenConfig, seq_len: int, trunk: flops.FlopCount, *, convention="exact",
+                   attention="causal") -> flops.FlopCount:
+  """Training forward: ``trunk`` (the trunk's count, ``config.effective_trunk``), then every head's block,
+  unembedding (and sequential projections). The trunk's ``unembed`` is head 1's (the trunk's own logits are never
+  computed)."""
+  n = config.mtp_heads
+  head = config.head_stack
+  # The heads are plain blocks: the trunk stack's remat policy does not apply to them.
+  count = trunk + flops.stack_flops(dataclasses.replace(head, num_layers=n, remat="none"), seq_len,
+                                    convention=convention, attention=attention, prefix="mtp_heads.")
+  extra = {"mtp_heads.unembed": (n - 1) * 2.0 * head.d_model * vocab.VOCAB_SIZE}
+  if config.mtp_variant == "sequential":
+    extra["mtp_heads.combine"] = (n - 1) * 2.0 * 2 * head.d_model * head.d_model
+  count += flops.FlopCount(extra)
+  if config.mtp_memory_efficient:
+    # The memory-efficient loss recomputes every head (block, combine, unembedding) in the backward pass.
+    count = count.with_recomputed(name for name in count.components
+                                  if name.startswith("mtp_heads.") or name == "unembed")
+  return count
