@@ -14,13 +14,30 @@ DEFAULT_CORPUS = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(_
                                                "tinyshakespeare.txt"))
 
 
+def cpu_description() -> str:
+  """CPU model, its widest vector extensions and the load average now (figures mean little without them)."""
+  model, flags = platform.processor() or platform.machine(), set()
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name") and ":" in line:
+          model = line.split(":", 1)[1].strip()
+        elif line.startswith("flags") and ":" in line:
+          flags = set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  vectors = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if name in flags] or ["no avx2"]
+  load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+  return f"{model} ({'/'.join(vectors)}), load average {load}"
+
+
 def machine() -> str:
   import jax  # imported here: peer workers (PyTorch venvs without jax) import this module too
 
   device = jax.devices()[0]
   kind = getattr(device, "device_kind", device.platform)
-  return (f"{platform.machine()} {os.cpu_count()} cores, {device.platform}:{kind} x{jax.device_count()}, "
-          f"jax {jax.__version__}, {datetime.date.today().isoformat()}")
+  return (f"{platform.machine()} {os.cpu_count()} cores, {cpu_description()}, {device.platform}:{kind} "
+          f"x{jax.device_count()}, jax {jax.__version__}, {datetime.date.today().isoformat()}")
 
 
 def time_call(fn, *, repeats: int = 5, warmup: int = 1) -> float:

@@ -6,8 +6,9 @@
   MegaByte's patches are counted as ``T / P`` (the paper's formula), not padded.
 * ``"exact"``: every matmul the model runs, counted as 2 FLOPs per multiply-add; causal attention over a
   context of T counts the keys a query sees on average (``(T+1)/2``, capped by a window), i.e. what a
-  block-skipping kernel computes. ``attention="dense"`` instead counts every key of the score matrix the plain
-  XLA attention (``impl="xla"``) materialises; that is the count compared with XLA's cost analysis in the
+  block-skipping kernel computes. ``attention="dense"`` instead counts every score the XLA attention path
+  (``impl="xla"``) computes: the whole score matrix of a row that fits one block, else the ``C x C`` blocks
+  ``blocked_packed_attention`` visits (``xla_keys``); that is the count compared with XLA's cost analysis in the
   tests. Shapes are the ones the model runs (MegaByte's padded patches, BLT's ``max_patches`` slots when dense).
 
 Training (``FlopCount.training``, model FLOPs) = forward + backward = 3 x forward in both conventions, except for a
@@ -25,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 
 from bytescale.configs import TransformerConfig
+from bytescale.ops.attention import packed_block_size
 
 CONVENTIONS = ("spacebyte", "exact")
 ATTENTION_COUNTS = ("causal", "dense")
@@ -95,15 +97,31 @@ def check_convention(convention: str, attention: str):
 
 
 def attended_keys(context: int, *, window: int | None, convention: str, attention: str) -> float:
-  """Average number of keys one query attends to in a causal sequence of ``context`` tokens."""
+  """Average number of keys one query attends to in a causal sequence of ``context`` tokens (for ``"dense"``:
+  the keys whose scores the XLA path computes, see :func:`xla_keys`)."""
   span = context if window is None else min(window, context)
-  if convention == "spacebyte" or attention == "dense":
-    return float(context if convention == "exact" else span)
+  if convention == "spacebyte":
+    return float(span)
+  if attention == "dense":
+    return xla_keys(int(round(context)), window)
   if window is None or window >= context:
     return (context + 1) / 2
   # Queries before the window fills see t+1 keys, later ones see `window`.
   filling = window * (window + 1) / 2
   return (filling + (context - window) * window) / context
+
+
+def xla_keys(context: int, window: int | None) -> float:
+  """Keys per query whose scores the XLA path computes for a packed row of ``context`` tokens (every stack of
+  every model runs packed rows): all ``context`` when the row fits one block, else the ``C x C`` blocks
+  ``ops.attention.blocked_packed_attention`` visits, padding queries included, per real query."""
+  block = packed_block_size(context, window)
+  if context <= block:
+    return float(context)
+  n = -(-context // block)
+  max_d = n - 1 if window is None else min(n - 1, (window + block - 2) // block)
+  block_pairs = sum(n - d for d in range(max_d + 1))
+  return block_pairs * block * block / context
 
 
 def remat_recomputed(stack: TransformerConfig) -> dict[str, float]:

@@ -115,3 +115,83 @@ def test_bad_shapes_and_impl_raise():
     attention(kv, kv, kv, AttentionMask.self_attention(pos), impl="fast")
   with pytest.raises(ValueError, match="q_positions_BxT"):
     attention(kv, kv, kv, AttentionMask(pos[:, :3], pos))
+
+
+# --- The blocked XLA path for packed rows -------------------------------------------------------------------
+
+def _packed_rows(rng, b, t, max_docs=4):
+  """Segment ids of packed rows: contiguous documents 1, 2, ... of random lengths, then padding (0)."""
+  rows = []
+  for _ in range(b):
+    cuts = np.sort(rng.choice(np.arange(1, t), size=rng.integers(0, max_docs), replace=False))
+    row = np.zeros(t, np.int32)
+    for doc, (lo, hi) in enumerate(zip(np.r_[0, cuts], np.r_[cuts, t]), start=1):
+      row[lo:hi] = doc
+    row[t - rng.integers(0, t // 4 + 1):] = 0  # padding at the end
+    rows.append(row)
+  return np.stack(rows)
+
+
+@pytest.mark.parametrize("t, window, block", [(37, None, 8), (64, None, None), (150, None, 16), (150, 7, 8),
+                                              (150, 16, 16), (200, 33, 16), (300, 64, None), (96, 500, 16)])
+def test_blocked_packed_attention_equals_the_float64_loop(t, window, block):
+  from bytescale.ops.attention import blocked_packed_attention
+
+  rng = np.random.default_rng(t + (window or 0))
+  b, h, g, d = 2, 4, 2, 8
+  seg = _packed_rows(rng, b, t)
+  q, k, v = (rng.normal(size=(b, t, n, d)).astype(np.float32) for n in (h, g, g))
+  mask = AttentionMask.packed_row(jnp.asarray(seg), window=window)
+  out = blocked_packed_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, block=block)
+  pos = np.asarray(segment_positions(jnp.asarray(seg)))
+  expected = brute_force_attention(q, k, v, pos, pos, seg, seg, True, window, d**-0.5)
+  np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=2e-5)
+
+
+def test_blocked_packed_attention_gradients_equal_the_dense_path():
+  import jax
+
+  from bytescale.ops.attention import attention_reference, blocked_packed_attention
+
+  rng = np.random.default_rng(0)
+  b, t, h, g, d = 2, 96, 4, 1, 8
+  seg = jnp.asarray(_packed_rows(rng, b, t))
+  q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) for n in (h, g, g))
+  w = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+  for window in (None, 20):
+    mask = AttentionMask.packed_row(seg, window=window)
+    loss = lambda fn: lambda *a: jnp.sum(fn(*a, mask) * w)  # noqa: E731
+    blocked = jax.grad(loss(lambda *a: blocked_packed_attention(*a, block=16)), argnums=(0, 1, 2))(q, k, v)
+    dense = jax.grad(loss(attention_reference), argnums=(0, 1, 2))(q, k, v)
+    for got, want in zip(blocked, dense):
+      np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-4)
+
+
+def test_packed_row_mask_is_the_self_attention_mask_of_contiguous_documents():
+  seg = jnp.asarray([[1, 1, 2, 2, 2, 0], [3, 3, 3, 1, 1, 1]])
+  packed = AttentionMask.packed_row(seg, window=2)
+  pos = segment_positions(seg)
+  plain = AttentionMask.self_attention(pos, seg, causal=True, window=2)
+  np.testing.assert_array_equal(np.asarray(packed.dense()), np.asarray(plain.dense()))
+  assert packed.packed and not plain.packed
+  # An id that comes back after another one starts a new document (positions restart there too).
+  again = AttentionMask.packed_row(jnp.asarray([[1, 1, 2, 1]])).dense()[0]
+  assert not bool(again[3, 0]) and not bool(again[3, 1]) and bool(again[3, 3])
+
+
+def test_xla_dispatch_takes_the_blocked_path_for_long_packed_rows(monkeypatch):
+  from bytescale.ops import attention as attention_ops
+
+  calls = []
+  original = attention_ops.blocked_packed_attention
+  monkeypatch.setattr(attention_ops, "blocked_packed_attention", lambda *a, **kw: calls.append(1) or original(*a, **kw))
+  rng = np.random.default_rng(1)
+  seg = jnp.asarray(_packed_rows(rng, 1, 300))
+  q = jnp.asarray(rng.normal(size=(1, 300, 2, 8)), jnp.float32)
+  mask = AttentionMask.packed_row(seg, window=64)
+  out = attention(q, q, q, mask, impl="xla")
+  assert calls == [1]
+  np.testing.assert_allclose(np.asarray(out), np.asarray(attention_ops.attention_reference(q, q, q, mask)),
+                             atol=2e-5, rtol=2e-5)
+  attention(q[:, :64], q[:, :64], q[:, :64], AttentionMask.packed_row(seg[:, :64], window=64), impl="xla")
+  assert calls == [1]  # one block: the dense path

@@ -40,7 +40,7 @@ from bytescale.nn import Embedding, KVCache, RMSNorm, TransformerStack
 from bytescale.nn.layers import param, scaled_normal, unembed
 from bytescale.ops import attention as attention_ops
 from bytescale.ops import hashing, rope
-from bytescale.ops.mask import AttentionMask, segment_positions
+from bytescale.ops.mask import AttentionMask
 from bytescale.ops.losses import masked_cross_entropy
 from bytescale.ops.rows import take_rows, write_rows
 from bytescale.patching import Patches, PatchingConfig
@@ -355,16 +355,15 @@ class BLT(nnx.Module):
       segment_ids_BxT = jnp.ones(bytes_BxT.shape, jnp.int32)
     if patches is None:
       patches = self.patch(bytes_BxT, segment_ids_BxT)
-    positions_BxT = segment_positions(segment_ids_BxT)
     x = self.embed_bytes(bytes_BxT, segment_ids_BxT)
-    encoder_states = self.encoder(x, positions_BxT, segment_ids_BxT)
+    encoder_states = self.encoder(x, None, segment_ids_BxT)  # packed rows: positions from the segment ids
 
     # Global model over patches; a patch belongs to the document of its first byte.
     patch_in = self.encode_patches(encoder_states, patches.patch_ids_BxT, patches.valid_BxM)
     first_byte = jnp.minimum(patching.patch_start_index(patches), bytes_BxT.shape[1] - 1)
     patch_docs_BxM = jnp.where(patches.valid_BxM, jnp.take_along_axis(segment_ids_BxT, first_byte, axis=1), 0)
     patch_in = patch_in.astype(jnp.dtype(self.config.global_stack.dtype))
-    global_out = self.global_stack(patch_in, segment_positions(patch_docs_BxM), patch_docs_BxM)
+    global_out = self.global_stack(patch_in, None, patch_docs_BxM)
 
     # Slot p holds patch p-1's global output, or the BOS slots when p opens its document.
     keys, values = self.slot_keys_values(global_out)
@@ -376,7 +375,7 @@ class BLT(nnx.Module):
     values = jnp.where(opens_doc, bos_v.astype(values.dtype), lag(values))
     slot_BxT = jnp.maximum(patches.patch_ids_BxT, 0)
     x = self.decoder_inputs(encoder_states, take_rows(keys, slot_BxT), take_rows(values, slot_BxT))
-    hidden = self.decoder(x, positions_BxT, segment_ids_BxT)
+    hidden = self.decoder(x, None, segment_ids_BxT)
     return ModelOutput(self.unembed(hidden), hidden), patches
 
   def loss(self, batch):

@@ -10,7 +10,6 @@ from bytescale.configs import ByteLMConfig, TransformerConfig, swiglu_hidden
 from bytescale.models.base import ModelOutput, check_inputs
 from bytescale.nn import Embedding, RMSNorm, TransformerStack
 from bytescale.nn.layers import param, scaled_normal, unembed
-from bytescale.ops.mask import segment_positions
 from bytescale.ops.rope import RopeConfig
 
 
@@ -41,9 +40,8 @@ class ByteLM(nnx.Module):
     check_inputs(bytes_BxT, segment_ids_BxT)
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.ones_like(bytes_BxT)
-    positions_BxT = segment_positions(segment_ids_BxT)
     x = parallel.constrain(self.embed(bytes_BxT).astype(self.compute_dtype), ("batch", "sequence", "embed"))
-    hidden = self.stack(x, positions_BxT, segment_ids_BxT)
+    hidden = self.stack(x, None, segment_ids_BxT)  # packed rows: positions from the segment ids
     return ModelOutput(self.unembed(hidden), hidden)
 
   def init_cache(self, batch: int, max_len: int):

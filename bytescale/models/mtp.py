@@ -41,7 +41,6 @@ from bytescale.configs import ByteLMConfig, ConfigError, TransformerConfig, chec
 from bytescale.models.base import ModelOutput
 from bytescale.nn.layers import Embedding, RMSNorm, param, scaled_normal
 from bytescale.nn.transformer import Block
-from bytescale.ops.mask import segment_positions
 from bytescale.ops.losses import bits_per_byte, masked_cross_entropy
 from bytescale.ops.rows import read_rows, write_rows
 from bytescale.ops.sampling import greedy_ids
@@ -284,7 +283,7 @@ class MultiTokenLM(nnx.Module):
       segment_ids_BxT = jnp.ones_like(bytes_BxT)
     hidden = self.trunk(bytes_BxT, segment_ids_BxT, patches=patches).hidden_BxTxD
     graphdef, state = nnx.split(self.heads)
-    first = nnx.merge(graphdef, _index(state, 0))(hidden, segment_positions(segment_ids_BxT), segment_ids_BxT)
+    first = nnx.merge(graphdef, _index(state, 0))(hidden, None, segment_ids_BxT)
     return ModelOutput(self.unembed(first), first)
 
   def all_head_logits(self, bytes_BxT, segment_ids_BxT=None, *, patches=None):
@@ -293,7 +292,6 @@ class MultiTokenLM(nnx.Module):
     if segment_ids_BxT is None:
       segment_ids_BxT = jnp.ones_like(bytes_BxT)
     hidden = self.trunk(bytes_BxT, segment_ids_BxT, patches=patches).hidden_BxTxD
-    positions = segment_positions(segment_ids_BxT)
     graphdef, state = nnx.split(self.heads)
     logits, previous = [], hidden
     for i in range(self.num_heads):
@@ -301,7 +299,7 @@ class MultiTokenLM(nnx.Module):
       if self.sequential and i > 0:
         ahead = _shift_left(bytes_BxT, i, vocab.PAD)
         x = self._combine(i - 1)(previous, self._embed(ahead))
-      previous = nnx.merge(graphdef, _index(state, i))(x, positions, segment_ids_BxT)
+      previous = nnx.merge(graphdef, _index(state, i))(x, None, segment_ids_BxT)
       logits.append(self.unembed(previous))
     return jnp.stack(logits)
 
@@ -446,14 +444,13 @@ def multi_token_loss(model: MultiTokenLM, batch, *, memory_efficient: bool | Non
   if memory_efficient is None:
     memory_efficient = config.mtp_memory_efficient
   segment_ids = batch["segment_ids"]
-  positions = segment_positions(segment_ids)
   hidden = model.trunk(batch["inputs"], segment_ids).hidden_BxTxD
   targets_NxBxT, masks_NxBxT = head_targets(batch["targets"], batch["loss_mask"], segment_ids, model.num_heads)
   graphdef, state = nnx.split(model.heads)
   remat = jax.checkpoint if memory_efficient else (lambda f: f)
 
   def head_nll(head_state, x, targets, mask):
-    out = nnx.merge(graphdef, head_state)(x, positions, segment_ids)
+    out = nnx.merge(graphdef, head_state)(x, None, segment_ids)  # packed rows
     nll, count = masked_cross_entropy(model.unembed(out), targets, mask)
     return out, nll, count
 

@@ -76,9 +76,15 @@ class Attention(nnx.Module):
     return jnp.einsum("bthk,hkd->btd", out_BxTxHxK, self.wo[...].astype(self.dtype))
 
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
-    """Self-attention over a whole (packed) sequence."""
+    """Causal self-attention over a whole sequence. ``positions_BxT=None`` means a packed row: each run of equal
+    non-zero segment ids is a document and positions count from 0 along it (``segment_positions``); the mask
+    then says so (``AttentionMask.packed_row``), which lets the XLA path skip the blocks it hides."""
+    if positions_BxT is None:
+      mask = AttentionMask.packed_row(segment_ids_BxT, window=self.config.window)
+      positions_BxT = mask.q_positions_BxT
+    else:
+      mask = AttentionMask.self_attention(positions_BxT, segment_ids_BxT, causal=True, window=self.config.window)
     q, k, v = self.project(x_BxTxD, positions_BxT, seq_len=x_BxTxD.shape[1])
-    mask = AttentionMask.self_attention(positions_BxT, segment_ids_BxT, causal=True, window=self.config.window)
     return self.attend(q, k, v, mask)
 
   def decode(self, x_BxNxD, k_cache_BxSxGxK, v_cache_BxSxGxK, lengths_B, seq_len_B=None):

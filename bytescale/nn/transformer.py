@@ -117,6 +117,8 @@ class TransformerStack(nnx.Module):
     self.blocks = stacked_blocks(config, rngs)
 
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
+    """Every layer over the row; ``positions_BxT=None``: packed rows (positions from the segment ids, see
+    ``Attention.__call__``), the form every model uses."""
     def layer(block, x):
       x = block(x, positions_BxT, segment_ids_BxT)
       return parallel.constrain(x, ("batch", "sequence", "embed"))  # no-op without a mesh

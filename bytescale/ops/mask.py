@@ -30,13 +30,18 @@ import jax.numpy as jnp
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=("q_positions_BxT", "kv_positions_BxS", "q_segment_ids_BxT", "kv_segment_ids_BxS"),
-    meta_fields=("causal", "window"),
+    meta_fields=("causal", "window", "packed"),
 )
 @dataclasses.dataclass(frozen=True)
 class AttentionMask:
   """Which keys each query sees (module docstring). A pytree: the arrays are leaves, ``causal``/``window`` static.
 
   Segment ids may be None: all ones (every entry valid, one segment).
+
+  ``packed`` (set only by :meth:`packed_row`) promises what block-skipping needs from the XLA path: queries and
+  keys are the same tokens, a document is a contiguous run of equal non-zero ids, and positions count from 0
+  along each run. Then a visible key never comes after its query and lies less than ``window`` indices before
+  it, whatever the values, so whole blocks can be skipped without reading them.
   """
 
   q_positions_BxT: jax.Array
@@ -45,10 +50,12 @@ class AttentionMask:
   kv_segment_ids_BxS: jax.Array | None = None
   causal: bool = dataclasses.field(default=True, kw_only=True)
   window: int | None = dataclasses.field(default=None, kw_only=True)
+  packed: bool = dataclasses.field(default=False, kw_only=True)
 
   def __post_init__(self):
     # Static fields are part of the pytree structure (and of jit cache keys): plain python values only.
     object.__setattr__(self, "causal", bool(self.causal))
+    object.__setattr__(self, "packed", bool(self.packed))
     if self.window is not None:
       object.__setattr__(self, "window", int(self.window))
 
@@ -56,6 +63,17 @@ class AttentionMask:
   def self_attention(cls, positions_BxT, segment_ids_BxT=None, *, causal: bool = True, window: int | None = None):
     """Queries and keys are the same tokens (a packed row: positions within documents, segment = document)."""
     return cls(positions_BxT, positions_BxT, segment_ids_BxT, segment_ids_BxT, causal=causal, window=window)
+
+  @classmethod
+  def packed_row(cls, segment_ids_BxT, *, window: int | None = None):
+    """Causal self-attention over packed rows, built from the segment ids alone (so the ``packed`` promise holds
+    by construction): each maximal run of equal non-zero ids is one document, positions are
+    ``segment_positions``; ids 0 are padding."""
+    starts = jnp.concatenate([jnp.ones_like(segment_ids_BxT[:, :1], bool),
+                              segment_ids_BxT[:, 1:] != segment_ids_BxT[:, :-1]], axis=1)
+    runs_BxT = jnp.where(segment_ids_BxT != 0, jnp.cumsum(starts, axis=1, dtype=jnp.int32), 0)
+    positions_BxT = segment_positions(segment_ids_BxT)
+    return cls(positions_BxT, positions_BxT, runs_BxT, runs_BxT, causal=True, window=window, packed=True)
 
   @classmethod
   def kv_cache(cls, q_positions_BxN, num_slots: int, filled_B, *, window: int | None = None):
