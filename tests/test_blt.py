@@ -255,12 +255,11 @@ def test_overflow_keeps_every_byte_in_the_loss(compiled, rng):
   assert float(metrics["average_patch_size"]) == 4.0  # bytes per slot actually used
 
 
-def test_patch_local_attention_equals_dense_segment_masked_attention(rng):
+def test_segment_local_attention_equals_dense_segment_masked_attention(rng):
   """Encoder cross-attention without the (K * Q) x T score matrix equals dense attention under the segment mask
   it replaces (query segment p + 1 where valid, key segment id + 1 for ids in [0, K)), values and gradients:
   ids out of order, padding (-1), ids >= K (ignored), a valid patch with no bytes, a non-valid one with bytes."""
-  from bytescale.models.blt import patch_local_attention
-  from bytescale.ops.attention import attention_reference
+  from bytescale.ops.attention import attention, attention_reference
   from bytescale.ops.mask import AttentionMask
 
   b, t, k, nq, h, d = 2, 13, 5, 2, 3, 4
@@ -278,9 +277,14 @@ def test_patch_local_attention_equals_dense_segment_masked_attention(rng):
     out = attention_reference(q.reshape(b, k * nq, h, d), keys, values, mask)
     return out.reshape(b, k, nq, h, d)
 
-  local = lambda q, keys, values: patch_local_attention(q, keys, values, ids, valid)  # noqa: E731
+  local_mask = AttentionMask.segment_local(ids, valid, nq)
+  local = lambda q, keys, values: attention(  # noqa: E731  (the XLA dispatch takes segment_local_attention)
+      q.reshape(b, k * nq, h, d), keys, values, local_mask, impl="xla").reshape(b, k, nq, h, d)
   expected = dense(q, keys, values)
   assert_close(local(q, keys, values), expected, atol=1e-5)
+  # The same mask through the Pallas kernel (interpret mode here): one mask value for every implementation.
+  pallas = attention(q.reshape(b, k * nq, h, d), keys, values, local_mask, impl="pallas").reshape(b, k, nq, h, d)
+  assert_close(pallas, expected, atol=1e-5)
   assert float(jnp.abs(expected[0, 2]).max()) == 0 and float(jnp.abs(expected[1, 3]).max()) == 0
   grad = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2))(q, keys, values)  # noqa: E731
   for actual, wanted in zip(grad(local), grad(dense)):

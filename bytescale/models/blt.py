@@ -45,10 +45,7 @@ from bytescale.ops.losses import masked_cross_entropy
 from bytescale.ops.rows import take_rows, write_rows
 from bytescale.patching import Patches, PatchingConfig
 
-try:  # the Pallas-backed pooling op (kernels engineer); jax segment ops otherwise
-  from bytescale.ops.pooling import segment_pool
-except ImportError:  # pragma: no cover
-  segment_pool = None
+from bytescale.ops.pooling import segment_pool
 
 
 # --- Frozen variables and the entropy model ---------------------------------------------------------------
@@ -137,55 +134,12 @@ class CrossAttention(nnx.Module):
   def output(self, out_BxTxHxK):
     return jnp.einsum("...hk,hkd->...d", out_BxTxHxK, self.wo[...].astype(self.dtype))
 
-  def attend(self, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, q_segment_ids_BxT=None, kv_segment_ids_BxS=None):
-    zeros_q = jnp.zeros(q_BxTxHxK.shape[:2], jnp.int32)
-    zeros_kv = jnp.zeros(k_BxSxHxK.shape[:2], jnp.int32)
-    mask = AttentionMask(zeros_q, zeros_kv, q_segment_ids_BxT, kv_segment_ids_BxS, causal=False)
+  def attend(self, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask: AttentionMask | None = None):
+    """Attention through the one dispatch (``impl``); no mask: every query sees every key."""
+    if mask is None:
+      zeros = lambda n: jnp.zeros((q_BxTxHxK.shape[0], n), jnp.int32)  # noqa: E731
+      mask = AttentionMask(zeros(q_BxTxHxK.shape[1]), zeros(k_BxSxHxK.shape[1]), causal=False)
     return attention_ops.attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask, impl=self.impl)
-
-  def __call__(self, x_BxTxD, kv_BxSxD, q_segment_ids_BxT, kv_segment_ids_BxS):
-    """``x + attention(x -> kv)``, each query seeing the keys of its own (non-zero) segment."""
-    k, v = self.keys_values(kv_BxSxD)
-    out = self.attend(self.queries(x_BxTxD), k, v, q_segment_ids_BxT, kv_segment_ids_BxS)
-    return x_BxTxD + self.output(out).astype(x_BxTxD.dtype)
-
-
-def _pool_max(x_BxTxD, ids_BxT, num_segments: int):
-  if segment_pool is not None:
-    return segment_pool(x_BxTxD, ids_BxT, num_segments, op="max")
-  valid = ids_BxT >= 0
-  pooled = jax.vmap(lambda x, i: jax.ops.segment_max(x, i, num_segments + 1))(
-      x_BxTxD, jnp.where(valid, ids_BxT, num_segments))[:, :num_segments]
-  return jnp.where(jnp.isfinite(pooled), pooled, 0.0)
-
-
-def patch_local_attention(q_BxMxQxHxK, k_BxTxHxK, v_BxTxHxK, patch_ids_BxT, valid_BxM):
-  """Attention of patch ``p``'s queries to the bytes ``t`` with ``patch_ids[t] == p`` only, in ``O(T)``.
-
-  The same result as dense attention under the segment mask (query segment ``p + 1`` where ``valid``, key
-  segment ``patch_ids + 1`` for ids in ``[0, M)``), without the ``(M * Q) x T`` score matrix: each byte scores
-  against the ``Q`` queries of its own patch and the softmax is taken per patch with segment reductions.
-  Softmax in float32 (or wider); patches that are not valid or have no bytes give zeros.
-  """
-  b, m, nq, h, k = q_BxMxQxHxK.shape
-  t = patch_ids_BxT.shape[1]
-  acc_dtype = jnp.promote_types(q_BxMxQxHxK.dtype, jnp.float32)
-  member_BxT = (patch_ids_BxT >= 0) & (patch_ids_BxT < m)
-  own_BxT = jnp.where(member_BxT, patch_ids_BxT, 0)
-  scores_BxTxQxH = jnp.einsum("btqhk,bthk->btqh", take_rows(q_BxMxQxHxK, own_BxT), k_BxTxHxK,
-                              preferred_element_type=acc_dtype) * k**-0.5
-  # One flat segment space: row b owns segments [b*(M+1), b*(M+1)+M]; the last one collects non-members.
-  flat_N = (jnp.where(member_BxT, patch_ids_BxT, m) + jnp.arange(b)[:, None] * (m + 1)).reshape(-1)
-  scores_NxQxH = scores_BxTxQxH.reshape(b * t, nq, h)
-  # The max only keeps exp() in range: its gradient cancels in the softmax, so none is taken through it.
-  patch_max = jax.ops.segment_max(jax.lax.stop_gradient(scores_NxQxH), flat_N, b * (m + 1))
-  weights_NxQxH = jnp.exp(scores_NxQxH - patch_max[flat_N])
-  denominator = jax.ops.segment_sum(weights_NxQxH, flat_N, b * (m + 1))  # >= 1 wherever a member byte is
-  probs_NxQxH = (weights_NxQxH / denominator[flat_N]).astype(v_BxTxHxK.dtype)
-  weighted_NxQxHxK = jnp.einsum("nqh,nhk->nqhk", probs_NxQxH, v_BxTxHxK.reshape(b * t, h, k),
-                                preferred_element_type=acc_dtype)
-  out = jax.ops.segment_sum(weighted_NxQxHxK, flat_N, b * (m + 1)).reshape(b, m + 1, nq, h, k)[:, :m]
-  return jnp.where(valid_BxM[:, :, None, None, None], out, 0.0).astype(q_BxMxQxHxK.dtype)
 
 
 # --- Cache ------------------------------------------------------------------------------------------------
@@ -305,13 +259,16 @@ class BLT(nnx.Module):
     """Global-model inputs ``BxMxD`` of the patches ``0..M-1`` (bytes with other ids are ignored)."""
     k = valid_BxM.shape[1]
     dtype = encoder_states_BxTxD.dtype
-    pooled_BxMxE = _pool_max(encoder_states_BxTxD, patch_ids_BxT, k)
+    pooled_BxMxE = segment_pool(encoder_states_BxTxD, patch_ids_BxT, k, op="max")
     queries_BxMxQxE = jnp.einsum("bke,eqd->bkqd", pooled_BxMxE, self.query_init[...].astype(dtype))
-    # Cross-attention of each patch's queries to its own bytes (O(T), not a dense (M * Q) x T score matrix).
+    # Cross-attention of each patch's queries to its own bytes (the XLA path is O(T), not (M * Q) x T).
     cross = self.encoder_cross
     keys, values = cross.keys_values(encoder_states_BxTxD)
-    out = patch_local_attention(cross.queries(queries_BxMxQxE), keys, values, patch_ids_BxT, valid_BxM)
-    states = queries_BxMxQxE + cross.output(out).astype(dtype)
+    q_BxNxHxK = einops.rearrange(cross.queries(queries_BxMxQxE), "b m q h k -> b (m q) h k")
+    mask = AttentionMask.segment_local(patch_ids_BxT, valid_BxM, self.config.queries_per_patch)
+    out_BxMxQxHxK = einops.rearrange(cross.attend(q_BxNxHxK, keys, values, mask), "b (m q) h k -> b m q h k",
+                                     q=self.config.queries_per_patch)
+    states = queries_BxMxQxE + cross.output(out_BxMxQxHxK).astype(dtype)
     return jnp.einsum("bkqe,qeg->bkg", states, self.global_in[...].astype(dtype))
 
   def slot_keys_values(self, global_out_BxMxD):
@@ -506,8 +463,8 @@ def flops_per_byte(config: BLTConfig, seq_len: int, average_patch_size: float | 
   Conventions as in ``bytescale.flops`` (BLT paper eq. 13-17 in spirit: embeddings and the entropy model are
   free). The global model runs once per patch: ``1 / average_patch_size`` times per byte over a context of
   ``seq_len / average_patch_size`` patches; encoder queries attend to the bytes of their own patch (in both
-  conventions: ``patch_local_attention`` computes only those pairs). With ``attention="dense"`` (what the plain
-  XLA path computes) every one of the ``max_patches`` slots is counted. ``average_patch_size`` defaults to the
+  conventions: ``ops.attention.segment_local_attention`` computes only those pairs). With ``attention="dense"``
+  (what the plain XLA path computes) every one of the ``max_patches`` slots is counted. ``average_patch_size`` defaults to the
   stride for strided patching and to 4.5 (the paper's) otherwise; pass the measured one.
 
   ``include_entropy_model`` adds the entropy model's forward passes (entropy patching only) as separate

@@ -2,7 +2,8 @@
 
 The mask semantics are those of :mod:`bytescale.ops.mask`. Every implementation takes ``(q, k, v, mask)``:
 ``attention_reference`` here (plain jnp, ``impl="xla"``; packed rows longer than one block take
-``blocked_packed_attention``, which skips the blocks the causal/window mask hides),
+``blocked_packed_attention``, which skips the blocks the causal/window mask hides; segment-local masks take
+``segment_local_attention``, linear in the keys),
 ``bytescale.kernels.flash_attention.flash_attention`` (Pallas, ``impl="pallas"``) and
 ``bytescale.kernels.cudnn_attention.cudnn_attention`` (``impl="cudnn"``); ``attention`` picks one. The kernels
 are imported lazily (Pallas is optional at import time) and never import this module.
@@ -118,6 +119,42 @@ def blocked_packed_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, mask: AttentionMas
   return out_BxTxHxK.astype(q_BxTxHxK.dtype)
 
 
+def segment_local_attention(q_BxNxHxK, k_BxTxHxK, v_BxTxHxK, mask: AttentionMask, *, scale: float | None = None):
+  """Attention under an ``AttentionMask.segment_local`` mask in ``O(T)``: each key scores against the ``Q``
+  queries of its own segment only and the softmax is taken per segment with segment reductions, instead of the
+  ``(M * Q) x T`` score matrix (``M`` segments). Equals :func:`attention_reference` under the same mask; segments
+  that take no part or have no keys give zeros. Softmax in float32 (or wider).
+  """
+  check_shapes(q_BxNxHxK, k_BxTxHxK, v_BxTxHxK, mask)
+  nq = mask.queries_per_segment
+  if not nq or k_BxTxHxK.shape[2] != q_BxNxHxK.shape[2]:
+    raise ValueError("segment_local_attention needs an AttentionMask.segment_local mask and as many kv heads as "
+                     "query heads")
+  b, n, h, k = q_BxNxHxK.shape
+  m, t = n // nq, k_BxTxHxK.shape[1]
+  scale = k**-0.5 if scale is None else scale
+  q_BxMxQxHxK = q_BxNxHxK.reshape(b, m, nq, h, k)
+  valid_BxM = mask.q_segment_ids_BxT[:, ::nq] != 0
+  member_BxT = mask.kv_segment_ids_BxS != 0
+  own_BxT = jnp.where(member_BxT, mask.kv_segment_ids_BxS - 1, 0)
+  acc_dtype = jnp.promote_types(q_BxNxHxK.dtype, jnp.float32)
+  own_q_BxTxQxHxK = jax.vmap(lambda q, i: jnp.take(q, i, axis=0))(q_BxMxQxHxK, own_BxT)
+  scores_BxTxQxH = jnp.einsum("btqhk,bthk->btqh", own_q_BxTxQxHxK, k_BxTxHxK, preferred_element_type=acc_dtype) * scale
+  # One flat segment space: row b owns segments [b*(M+1), b*(M+1)+M]; the last one collects non-members.
+  flat_N = (jnp.where(member_BxT, own_BxT, m) + jnp.arange(b)[:, None] * (m + 1)).reshape(-1)
+  scores_NxQxH = scores_BxTxQxH.reshape(b * t, nq, h)
+  # The max only keeps exp() in range: its gradient cancels in the softmax, so none is taken through it.
+  segment_max = jax.ops.segment_max(jax.lax.stop_gradient(scores_NxQxH), flat_N, b * (m + 1))
+  weights_NxQxH = jnp.exp(scores_NxQxH - segment_max[flat_N])
+  denominator = jax.ops.segment_sum(weights_NxQxH, flat_N, b * (m + 1))  # >= 1 wherever a member key is
+  probs_NxQxH = (weights_NxQxH / denominator[flat_N]).astype(v_BxTxHxK.dtype)
+  weighted_NxQxHxK = jnp.einsum("nqh,nhk->nqhk", probs_NxQxH, v_BxTxHxK.reshape(b * t, h, k),
+                                preferred_element_type=acc_dtype)
+  out = jax.ops.segment_sum(weighted_NxQxHxK, flat_N, b * (m + 1)).reshape(b, m + 1, nq, h, k)[:, :m]
+  out = jnp.where(valid_BxM[:, :, None, None, None], out, 0.0)
+  return out.reshape(b, n, h, k).astype(q_BxNxHxK.dtype)
+
+
 def resolve_impl(impl: str) -> str:
   """``auto`` -> the fastest correct implementation on the default backend."""
   if impl not in ATTENTION_IMPLS:
@@ -142,6 +179,8 @@ def attention(
     t = q_BxTxHxK.shape[1]
     if mask.packed and t == k_BxSxGxK.shape[1] and t > packed_block_size(t, mask.window):
       return blocked_packed_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, scale=scale)
+    if mask.queries_per_segment and q_BxTxHxK.shape[2] == k_BxSxGxK.shape[2]:
+      return segment_local_attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, scale=scale)
     return attention_reference(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, scale=scale)
   if impl == "pallas":
     from bytescale.kernels import flash_attention  # imported lazily: Pallas is optional at import time

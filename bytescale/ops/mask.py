@@ -30,7 +30,7 @@ import jax.numpy as jnp
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=("q_positions_BxT", "kv_positions_BxS", "q_segment_ids_BxT", "kv_segment_ids_BxS"),
-    meta_fields=("causal", "window", "packed"),
+    meta_fields=("causal", "window", "packed", "queries_per_segment"),
 )
 @dataclasses.dataclass(frozen=True)
 class AttentionMask:
@@ -42,6 +42,10 @@ class AttentionMask:
   keys are the same tokens, a document is a contiguous run of equal non-zero ids, and positions count from 0
   along each run. Then a visible key never comes after its query and lies less than ``window`` indices before
   it, whatever the values, so whole blocks can be skipped without reading them.
+
+  ``queries_per_segment`` (set only by :meth:`segment_local`) promises the layout of patch-local cross-attention:
+  no positions, no causality, queries grouped ``Q`` per segment in segment order, each key in at most one
+  segment; the XLA path then scores each key against the ``Q`` queries of its own segment only.
   """
 
   q_positions_BxT: jax.Array
@@ -51,6 +55,7 @@ class AttentionMask:
   causal: bool = dataclasses.field(default=True, kw_only=True)
   window: int | None = dataclasses.field(default=None, kw_only=True)
   packed: bool = dataclasses.field(default=False, kw_only=True)
+  queries_per_segment: int | None = dataclasses.field(default=None, kw_only=True)
 
   def __post_init__(self):
     # Static fields are part of the pytree structure (and of jit cache keys): plain python values only.
@@ -74,6 +79,19 @@ class AttentionMask:
     runs_BxT = jnp.where(segment_ids_BxT != 0, jnp.cumsum(starts, axis=1, dtype=jnp.int32), 0)
     positions_BxT = segment_positions(segment_ids_BxT)
     return cls(positions_BxT, positions_BxT, runs_BxT, runs_BxT, causal=True, window=window, packed=True)
+
+  @classmethod
+  def segment_local(cls, kv_segments_BxS, valid_BxM, queries_per_segment: int):
+    """Cross-attention of ``M x Q`` queries (query ``m * Q + j`` belongs to segment ``m``; segment ``m`` takes part
+    where ``valid_BxM``) to keys that each belong to segment ``kv_segments_BxS`` (ids outside ``[0, M)``: none).
+    Every query sees exactly the keys of its own segment (BLT's encoder: a patch's queries and its bytes)."""
+    b, m = valid_BxM.shape
+    q_segments_BxN = jnp.repeat(jnp.where(valid_BxM, jnp.arange(1, m + 1, dtype=jnp.int32), 0), queries_per_segment,
+                                axis=1)
+    kv_segments_BxS = jnp.where((kv_segments_BxS >= 0) & (kv_segments_BxS < m), kv_segments_BxS + 1, 0)
+    zeros = lambda n: jnp.zeros((b, n), jnp.int32)  # noqa: E731
+    return cls(zeros(m * queries_per_segment), zeros(kv_segments_BxS.shape[1]), q_segments_BxN,
+               kv_segments_BxS.astype(jnp.int32), causal=False, queries_per_segment=queries_per_segment)
 
   @classmethod
   def kv_cache(cls, q_positions_BxN, num_slots: int, filled_B, *, window: int | None = None):
