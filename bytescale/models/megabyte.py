@@ -25,10 +25,14 @@ same owner; positions of another document (one that started inside the patch) ge
 attention stays within a document. So an output depends on every byte of its own document up to itself and on
 nothing else.
 
-``strided_inference``: logits are the average of the probabilities of two passes, the second over the row
-shifted right by ``P // 2`` (leading padding), so each byte is predicted once from a patch grid offset by half a
-patch. It adds no parameters: turn it on (``dataclasses.replace``) for a model trained without it. ``hidden``
-and ``unembed`` are those of the aligned pass.
+``strided_inference`` (paper section 2.3, "Strided Inference"): a second pass over the row shifted right by
+``o = P // 2`` (leading padding) puts every byte in a patch grid offset by half a patch. ``"paper"``: each byte's
+prediction comes from the pass in which it sits earlier in its patch (the paper's "first p/2 positions in each
+patch"), i.e. byte ``j`` from the aligned pass when ``j % P < P - o``, else from the shifted one; ``hidden`` is
+that pass's state, so ``unembed(hidden)`` gives the logits. ``"average"``: the logits are the average of the two
+passes' probabilities at every position (not the paper's rule); ``hidden`` is the aligned pass's. Both add no
+parameters: turn one on (``dataclasses.replace``) for a model trained without it. A saved config holding the old
+boolean reads as ``"average"`` (``True``, what it meant) or ``"none"``.
 
 Generation: ``decode`` appends N >= 1 bytes per row (ragged lengths); the global model advances only when a
 row completes a patch (``lax.cond``; its K/V cache grows by one position per patch), the local model once per
@@ -63,6 +67,9 @@ def _stack(d, layers, heads, head_dim=None, kv_heads=None, **kwargs) -> Transfor
                            head_dim=head_dim, mlp_hidden=swiglu_hidden(d), **kwargs)
 
 
+STRIDED_INFERENCE_MODES = ("none", "paper", "average")
+
+
 @dataclasses.dataclass(frozen=True)
 class MegaByteConfig:
   """Two stacks and the patching. ``global_stack.d_model`` is ``patch_size * D_G`` (``D_G`` = per-byte width)."""
@@ -74,7 +81,7 @@ class MegaByteConfig:
   global_pos_embed: bool = True  # paper: pos[i] added to each byte in the patch embedder
   local_pos_embed: bool = False  # SpaceByte's reimplementation: pos_local[p] added to local inputs
   cross_patch_r: int = 0  # local layers also attend to the last r positions of the previous patch (0 = off)
-  strided_inference: bool = False  # average with a pass offset by patch_size // 2
+  strided_inference: str = "none"  # "paper" | "average": a second pass offset by patch_size // 2 (module docstring)
   per_position_projection: bool = False  # one D_G x D_L matrix per in-patch position instead of one shared
   tie_embeddings: bool = False  # logits from the local byte embedding (the paper ties)
 
@@ -82,6 +89,8 @@ class MegaByteConfig:
     name = "MegaByteConfig"
     for field in ("global_stack", "local_stack"):
       check(isinstance(getattr(self, field), TransformerConfig), name, field, "must be a TransformerConfig")
+    if isinstance(self.strided_inference, bool):  # configs saved before the modes existed hold a bool
+      object.__setattr__(self, "strided_inference", "average" if self.strided_inference else "none")
     p = self.patch_size
     check(isinstance(p, int) and not isinstance(p, bool) and p >= 1, name, "patch_size",
           f"must be a positive integer, got {p!r}")
@@ -90,13 +99,15 @@ class MegaByteConfig:
           f"must be patch_size * D_G (a multiple of patch_size={p}), got {d_global}; e.g. {p * max(1, d_global // p)}")
     check(isinstance(self.max_seq_len, int) and self.max_seq_len > 0, name, "max_seq_len",
           f"must be a positive integer, got {self.max_seq_len!r}")
-    for field in ("global_pos_embed", "local_pos_embed", "strided_inference", "per_position_projection",
-                  "tie_embeddings"):
+    check(self.strided_inference in STRIDED_INFERENCE_MODES, name, "strided_inference",
+          f"must be 'none', 'paper' (each byte from the pass in which it sits earlier in its patch) or 'average' "
+          f"(the mean probability of both passes), got {self.strided_inference!r}")
+    for field in ("global_pos_embed", "local_pos_embed", "per_position_projection", "tie_embeddings"):
       check(isinstance(getattr(self, field), bool), name, field, f"must be true or false, got {getattr(self, field)!r}")
     r = self.cross_patch_r
     check(isinstance(r, int) and not isinstance(r, bool) and 0 <= r <= p, name, "cross_patch_r",
           f"must be an integer in [0, patch_size={p}] (0 = off), got {r!r}")
-    check(not self.strided_inference or p >= 3, name, "strided_inference",
+    check(self.strided_inference == "none" or p >= 3, name, "strided_inference",
           f"needs patch_size >= 3 (the second pass is offset by patch_size // 2), got patch_size={p}")
     check(not self.local_stack.rope.length_dependent, name, "local_stack.rope.rope_type",
           f"must not depend on the sequence length (the local model sees one patch), got "
@@ -110,7 +121,15 @@ class MegaByteConfig:
   @property
   def stream_offsets(self) -> tuple[int, ...]:
     """Leading padding of each pass: (0,) or, with strided inference, (0, patch_size // 2)."""
-    return (0, self.patch_size // 2) if self.strided_inference else (0,)
+    return (0,) if self.strided_inference == "none" else (0, self.patch_size // 2)
+
+
+def from_shifted_pass(byte_index, patch_size: int):
+  """Strided inference, paper mode: True where the prediction of byte ``byte_index`` is read from the pass shifted
+  by ``o = P // 2``, i.e. where the byte sits later in its aligned patch (``j % P >= P - o``) than in its shifted
+  one (``(j + o) % P``). Each byte thus comes from the first ``P - o`` positions of an aligned patch or the first
+  ``o`` of a shifted one: the paper's "first p/2 positions in each patch" (for even P exactly half each)."""
+  return byte_index % patch_size >= patch_size - patch_size // 2
 
 
 # --- The local model: causal attention inside patches (plus r positions of the previous patch) ----------------
@@ -335,7 +354,7 @@ class MegaByte(nnx.Module):
     pad_patch = jnp.broadcast_to(self.pad_patch[...], (b, 1, p, c.d_global_embed))
     shifted = patch_ops.shift_patches(byte_vectors, pad_patch.astype(byte_vectors.dtype))
     keep = patch_ops.global_input_keep(segments.reshape(b, m, p), owners_BxM)
-    global_out = self.global_stack(self._global_inputs(shifted, keep), segment_positions(owners_BxM), owners_BxM)
+    global_out = self.global_stack(self._global_inputs(shifted, keep), None, owners_BxM)
     context = self._contexts(global_out)
     context = context * patch_ops.has_global_context(local_segments, owners_BxM)[..., None].astype(context.dtype)
 
@@ -352,14 +371,32 @@ class MegaByte(nnx.Module):
       segment_ids_BxT = jnp.ones_like(bytes_BxT)
     segment_ids_BxT = segment_ids_BxT.astype(jnp.int32)
     hidden = self._stream_hidden(bytes_BxT, segment_ids_BxT)
-    logits = self.unembed(hidden)
-    if self.config.strided_inference:
-      o, t = self.config.stream_offsets[1], bytes_BxT.shape[1]
-      shifted_ids = jnp.pad(bytes_BxT, ((0, 0), (o, 0)), constant_values=vocab.PAD)
-      shifted_segments = jnp.pad(segment_ids_BxT, ((0, 0), (o, 0)))
-      shifted_logits = self.unembed(self._stream_hidden(shifted_ids, shifted_segments)[:, o:o + t])
-      logits = _average_probabilities(logits, shifted_logits)
-    return ModelOutput(logits, hidden)
+    mode = self.config.strided_inference
+    if mode == "none":
+      return ModelOutput(self.unembed(hidden), hidden)
+    o, t = self.config.stream_offsets[1], bytes_BxT.shape[1]
+    shifted_ids = jnp.pad(bytes_BxT, ((0, 0), (o, 0)), constant_values=vocab.PAD)
+    shifted_segments = jnp.pad(segment_ids_BxT, ((0, 0), (o, 0)))
+    shifted_hidden = self._stream_hidden(shifted_ids, shifted_segments)[:, o:o + t]
+    return self._combine_passes(hidden, shifted_hidden, jnp.arange(1, t + 1, dtype=jnp.int32)[None])
+
+  def _combine_passes(self, hidden_BxTxD, shifted_hidden_BxTxD, predicted_BxT):
+    """Strided inference: the two passes' states for the predictions of bytes ``predicted_BxT``, combined."""
+    if self.config.strided_inference == "paper":
+      # Selecting states before the unembedding: one output projection per byte, as without strided inference.
+      shifted = from_shifted_pass(predicted_BxT, self.config.patch_size)[..., None]
+      hidden = jnp.where(shifted, shifted_hidden_BxTxD, hidden_BxTxD)
+      return ModelOutput(self.unembed(hidden), hidden)
+    logits = _average_probabilities(self.unembed(hidden_BxTxD), self.unembed(shifted_hidden_BxTxD))
+    return ModelOutput(logits, hidden_BxTxD)
+
+  def with_strided_inference(self, mode: str) -> MegaByte:
+    """This model's parameters under another ``strided_inference`` mode (a mode adds no parameters), e.g. to
+    evaluate with the paper's rule a model trained without it."""
+    config = dataclasses.replace(self.config, strided_inference=mode)
+    other = nnx.eval_shape(lambda: MegaByte(config, rngs=nnx.Rngs(0)))
+    nnx.update(other, nnx.state(self))
+    return other
 
   # -- generation --
 
@@ -368,7 +405,7 @@ class MegaByte(nnx.Module):
     if max_len < 1:
       raise ValueError(f"max_len must be >= 1, got {max_len}")
     caches = tuple(self._init_pass_cache(batch, max_len, o) for o in self.config.stream_offsets)
-    return StridedCache(caches) if self.config.strided_inference else caches[0]
+    return caches[0] if len(caches) == 1 else StridedCache(caches)
 
   def _init_pass_cache(self, batch, max_len, offset):
     c = self.config
@@ -395,12 +432,14 @@ class MegaByte(nnx.Module):
   def decode(self, cache, bytes_BxN):
     """Appends N bytes per row at each row's length; returns the N outputs and the updated cache."""
     if isinstance(cache, StridedCache):
-      (out, aligned), (shifted_out, shifted) = (self._decode_pass(pc, bytes_BxN) for pc in cache.passes)
-      logits = _average_probabilities(out.logits_BxTxV, shifted_out.logits_BxTxV)
-      return ModelOutput(logits, out.hidden_BxTxD), StridedCache((aligned, shifted))
-    return self._decode_pass(cache, bytes_BxN)
+      predicted_BxN = cache.lengths_B[:, None] + 1 + jnp.arange(bytes_BxN.shape[1], dtype=jnp.int32)
+      (hidden, aligned), (shifted_hidden, shifted) = (self._decode_pass(pc, bytes_BxN) for pc in cache.passes)
+      return self._combine_passes(hidden, shifted_hidden, predicted_BxN), StridedCache((aligned, shifted))
+    hidden, cache = self._decode_pass(cache, bytes_BxN)
+    return ModelOutput(self.unembed(hidden), hidden), cache
 
   def _decode_pass(self, cache: MegaByteCache, ids_BxN):
+    """One pass's local states for N appended bytes (not yet unembedded) and its updated cache."""
     c = self.config
     p, o = c.patch_size, cache.offset
     b, n = ids_BxN.shape
@@ -439,7 +478,7 @@ class MegaByte(nnx.Module):
     )
     cache = cache.replace(bytes_BxS=byte_buffer, global_kv=global_kv, context_BxSxD=context,
                           local_k_LxBxSxGxK=local_k, local_v_LxBxSxGxK=local_v, lengths_B=lengths + n)
-    return ModelOutput(self.unembed(hidden), hidden), cache
+    return hidden, cache
 
   @staticmethod
   def rollback(cache, n_B):
@@ -499,13 +538,15 @@ def flops_per_byte(config: MegaByteConfig, seq_len: int, *, convention="exact", 
   number of patches pays for one more patch. SpaceByte: ``T / P`` patches, the paper's formula. The local model
   attends within its patch (plus ``cross_patch_r`` positions of the previous one). With ``strided_inference``
   the forward pass runs a second pass over the row shifted by ``P // 2``; it is counted in the same components.
+  The unembedding runs once per byte, except with ``"average"``, which unembeds both passes.
   """
   flops.check_convention(convention, attention)
   p = config.patch_size
   local = config.local_stack
   d_local = local.d_model
   local_keys = _local_keys(p, config.cross_patch_r, local.window, convention=convention, attention=attention)
-  count = flops.FlopCount({"unembed": 2.0 * d_local * vocab.VOCAB_SIZE * len(config.stream_offsets)})
+  unembeddings = 2 if config.strided_inference == "average" else 1
+  count = flops.FlopCount({"unembed": 2.0 * d_local * vocab.VOCAB_SIZE * unembeddings})
   for offset in config.stream_offsets:
     stream = seq_len + offset
     positions = patch_ops.num_local_positions(stream, p) if convention == "exact" else stream
