@@ -1,6 +1,9 @@
 """bytescale's MegaByte against the PyTorch port on PyPI (MEGABYTE-pytorch, CPU torch 2.13.0), same configuration,
 measured alternately in one run: training step time and generation bytes/s.
 
+``benchmarks/vs_pytorch.py`` compares all three models (ByteLM, MegaByte, BLT) with their peers at 1k and 4k bytes
+per row; this script stays for the MegaByte section of RESULTS_megabyte.md that README and docs/megabyte.md cite.
+
   bash benchmarks/setup_pytorch_peer.sh                  # once: a separate venv with torch and the peer
   python benchmarks/megabyte_vs_pytorch.py --quick       # a few minutes on a 2-core CPU
   python benchmarks/megabyte_vs_pytorch.py               # more rounds, the peer generates all 512 bytes

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Optional set-up for benchmarks/megabyte_vs_pytorch.py: a SEPARATE virtual environment holding CPU torch 2.13.0
-# and MEGABYTE-pytorch (the peer). Nothing here becomes a dependency of bytescale.
+# Optional set-up for benchmarks/vs_pytorch.py and benchmarks/megabyte_vs_pytorch.py: a SEPARATE virtual environment
+# holding CPU torch 2.13.0 and the peers, MEGABYTE-pytorch and `transformers` (LlamaForCausalLM, BltForCausalLM).
+# Nothing here becomes a dependency of bytescale.
 #
 #   bash benchmarks/setup_pytorch_peer.sh [VENV_DIR]      (default: /tmp/bytescale-peer-venv)
 #
@@ -21,6 +22,6 @@ fi
 if [ ! -x "$VENV_DIR/bin/python" ]; then
   "$PEER_PYTHON" -m venv "$VENV_DIR"
 fi
-"$VENV_DIR/bin/python" -m pip install --quiet "torch==2.13.0" "MEGABYTE-pytorch" numpy
-"$VENV_DIR/bin/python" -c "import torch, MEGABYTE_pytorch; print('peer ready:', torch.__version__, torch.version.cuda)"
+"$VENV_DIR/bin/python" -m pip install --quiet "torch==2.13.0" "MEGABYTE-pytorch" numpy "transformers==5.25.0"
+"$VENV_DIR/bin/python" -c "import torch, MEGABYTE_pytorch, transformers; print('peer ready:', torch.__version__, torch.version.cuda, 'transformers', transformers.__version__)"
 echo "$VENV_DIR/bin/python"
