@@ -31,7 +31,7 @@ import jax
 from flax import nnx
 
 from bytescale import configs, rope_search
-from common import DEFAULT_CORPUS  # noqa: E402
+from common import DEFAULT_CORPUS, write_section  # noqa: E402
 from bytescale.configs import ByteLMConfig, TransformerConfig
 from bytescale.data.pipeline import ByteCorpus, DataConfig, frame_documents, split_stream
 from bytescale.data.sources import load_documents
@@ -39,6 +39,7 @@ from bytescale.ops import rope
 from bytescale.train.loop import train
 
 METHODS = ("none", "pi", "ntk", "dynamic", "yarn", "longrope")
+SECTION = "Bits per byte at L, 4L, 8L, before and after a short fine-tune (`benchmarks/context_extension.py`)"
 def settings_for(quick: bool) -> dict:
   if quick:
     return dict(length=64, d_model=64, layers=2, heads=4, head_dim=16, train_steps=600, batch=16, lr=3e-3,
@@ -73,6 +74,7 @@ def main():
   parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS_rope.md"))
   parser.add_argument("--work", default=None, help="run directory (default: a temporary one)")
   args = parser.parse_args()
+  args.load_at_start = " ".join(open("/proc/loadavg").read().split()[:3])
   s = settings_for(args.quick)
   started = time.perf_counter()
   work = args.work or tempfile.mkdtemp(prefix="bytescale_rope_")
@@ -131,16 +133,19 @@ def main():
   write_results(args, s, rows, searches, eval_lengths, windows, rotary_dim, time.perf_counter() - started)
 
 
+def cpu_model() -> str:
+  return next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+
+
 def write_results(args, s, rows, searches, eval_lengths, windows, rotary_dim, seconds):
   length = s["length"]
   names = ["L", "4L", "8L"]
   lines = [
-      "# Rotary context extension: bits per byte at L, 4L, 8L",
-      "",
       f"- command: `python benchmarks/context_extension.py{' --quick' if args.quick else ''}`"
       f" (data `{os.path.basename(args.data)}`, first {args.max_data_bytes:,} bytes)",
-      f"- machine: {platform.platform()}, {os.cpu_count()} CPUs; jax {jax.__version__}; "
-      f"{datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; total {seconds / 60:.1f} min",
+      f"- machine: {cpu_model()}, {os.cpu_count()} cores ({platform.platform()}), load average at start "
+      f"{args.load_at_start}; jax {jax.__version__}; {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}; "
+      f"total {seconds / 60:.1f} min",
       f"- model: ByteLM d_model {s['d_model']}, {s['layers']} layers, {s['heads']} heads of {s['head_dim']} "
       f"(rotary dim {rotary_dim}, rope_theta 10000), trained {s['train_steps']} steps x {s['batch']} rows at "
       f"L = {length} bytes with `bytescale.train.loop.train`",
@@ -150,7 +155,8 @@ def write_results(args, s, rows, searches, eval_lengths, windows, rotary_dim, se
       f"- fine-tune: {s['ft_steps']} AdamW steps x {s['ft_batch']} rows of sL bytes, peak lr {s['ft_lr']}, "
       f"from the trained parameters (`train(..., init_from=<base run>)`)",
       f"- LongRoPE: evolutionary search at length sL (population {s['population']}, {s['iterations']} iterations, "
-      f"{s['mutations']} mutations + {s['crossovers']} crossovers each, n_hat searched) on "
+      f"{s['mutations']} mutations + {s['crossovers']} crossovers each, factors in [1, 1.25 s], n_hat searched "
+      f"over the paper's set below L) on "
       f"{s['search_windows']} windows from the first half of the held-out tail (not the scored windows)",
       "- dynamic is plain dynamic NTK (factor 1: scale max(1, n/L)); none keeps the trained rotation",
       "",
@@ -163,14 +169,17 @@ def write_results(args, s, rows, searches, eval_lengths, windows, rotary_dim, se
     lines.append(f"| {factor} | {method} | " + " | ".join(cell(before[n], n, 2) for n in eval_lengths) + " | "
                  + " | ".join(cell(after[n], n, 3) for n in eval_lengths) + " |")
   columns = f"{', '.join(names)} = {', '.join(map(str, eval_lengths))} bytes"
-  lines += ["", f"Bold: best of its column for that s. Columns {columns}.", "", "## LongRoPE searches", ""]
+  lines += ["", f"Bold: best of its column for that s. Columns {columns}.", "", "LongRoPE searches:", ""]
   for factor, (found, took) in searches.items():
     r = found.result
     lines.append(f"- s = {factor}: best {r.fitness:.4f} bpb on the search windows after {r.evaluations} candidates "
                  f"({took:.0f}s); seeds {', '.join(f'{k} {v:.4f}' for k, v in r.seed_fitness.items())}; "
                  f"n_hat {r.n_hat}; long_factor {list(r.factors)}")
-  with open(args.out, "w") as handle:
-    handle.write("\n".join(lines) + "\n")
+  if not os.path.exists(args.out):
+    with open(args.out, "w") as handle:
+      handle.write("# Rotary context extension\n")
+  # A section of its own: benchmarks/rope_progressive.py writes another one into the same file.
+  write_section(args.out, SECTION, "\n".join(lines))
   print("\n".join(lines))
 
 

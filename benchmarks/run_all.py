@@ -25,6 +25,9 @@ BENCHMARKS = [
     ("multi_token", "multi_token.py", ["--quick"], "RESULTS_multi_token.md"),
     ("rope", "context_extension.py", ["--quick"], "RESULTS_rope.md"),
     ("flops", "flops_vs_patch_size.py", [], "RESULTS_flops.md"),
+    ("eval", "eval_suite.py", ["--quick"], "RESULTS_eval.md"),
+    # Needs the peers' venv (bash benchmarks/setup_pytorch_peer.sh); fails with that hint without it.
+    ("vs_pytorch", "vs_pytorch.py", ["--quick"], "RESULTS_vs_pytorch.md"),
 ]
 
 

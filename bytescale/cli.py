@@ -60,14 +60,32 @@ def _add_train(sub):
 
 
 def _add_eval(sub):
-  p = sub.add_parser("eval", help="bits per byte of a checkpoint on a file or corpus")
+  p = sub.add_parser("eval", help="bits per byte of a checkpoint on a file or corpus, or evaluation suites (--suite)")
   p.add_argument("--ckpt", required=True, help="run directory (or its checkpoints/ folder)")
-  p.add_argument("--data", required=True,
-                 help="file, directory, glob, 'stdlib' or tfds:NAME:FEATURE (every byte is scored)")
+  p.add_argument("--data", default=None,
+                 help="file, directory, glob, 'stdlib' or tfds:NAME:FEATURE (every byte is scored); required without "
+                 "--suite; with --suite the text the noise and chars suites draw from (default: the held-out "
+                 "validation split of the run's own training data)")
   p.add_argument("--tfds-data-dir", default=None, help="data_dir for tfds: sources")
   p.add_argument("--max-bytes", type=int, default=None, help="score at most this many bytes")
   p.add_argument("--seq-len", type=int, default=None, help="row length (default: the training seq_len)")
   p.add_argument("--batch-size", type=int, default=8, help="rows per evaluation batch (default 8)")
+  p.add_argument("--strided", choices=("none", "paper", "average"), default=None,
+                 help="MegaByte only: strided inference for this evaluation (two passes, the second offset by half a "
+                 "patch; docs/megabyte.md): paper = each byte from the pass in which it sits in the first half of "
+                 "its patch (the paper's rule), average = mean probability of both passes, none = one pass; default: "
+                 "the checkpoint's setting")
+  g = p.add_argument_group("evaluation suites", "noise, chars, passkey, induction (docs/evals.md)")
+  g.add_argument("--suite", default=None, metavar="NAME[,NAME...]",
+                 help="run these evaluation suites instead of bits per byte: noise, chars, passkey, induction, or all")
+  g.add_argument("--seed", type=int, default=0, help="seed of the suites' task generators (default 0)")
+  g.add_argument("--examples", type=int, default=None,
+                 help="examples per task (default: each suite's: noise 32 windows, chars 24 per kind, passkey 4 per "
+                 "length and depth, induction 32 per alphabet and length)")
+  g.add_argument("--passkey-lengths", default=None, metavar="N,N,...",
+                 help="passkey prompt lengths in bytes (default: half, once and twice --seq-len)")
+  g.add_argument("--json", action="store_true", help="print only the JSON line (no table on stderr)")
+  g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _add_generate(sub):
@@ -97,9 +115,9 @@ def build_parser():
   _add_eval(sub)
   _add_generate(sub)
   # The other subcommands (bytescale/commands/): each module defines add_command(subparsers) -> (name, handler).
-  from bytescale.commands import entropy_threshold, flops, rope_search
+  from bytescale.commands import entropy_threshold, flops, rope_extend, rope_search
 
-  for module in (flops, rope_search, entropy_threshold):
+  for module in (flops, rope_search, rope_extend, entropy_threshold):
     name, handler = module.add_command(sub)
     COMMANDS[name] = handler
   return parser
@@ -178,13 +196,69 @@ def cmd_eval(args):
   from bytescale.train.evaluate import evaluate_bpb
   from flax import nnx
 
+  from bytescale.models.megabyte import MegaByte
+
+  if args.data is None and not args.suite:
+    raise configs.ConfigError("--data: give the text to score (bits per byte), or --suite NAME to run evaluation "
+                              "suites")
+  if args.suite:
+    from bytescale.evals.suites import parse_suites
+
+    parse_suites(args.suite)  # a misspelt name fails before the checkpoint loads
   model, meta = load_model(args.ckpt)
+  report = {}
+  if args.strided is not None and not isinstance(model, MegaByte):
+    raise configs.ConfigError(f"--strided: strided inference is MegaByte's; {args.ckpt} holds a {meta['model']!r} "
+                              "model (drop --strided)")
+  if isinstance(model, MegaByte):
+    if args.strided is not None:
+      model = model.with_strided_inference(args.strided)
+    report["strided_inference"] = model.config.strided_inference
+  if args.suite:
+    return _eval_suites(args, model, meta, report)
   seq_len = args.seq_len or meta["train_config"]["seq_len"]
   documents = load_documents(args.data, max_bytes=args.max_bytes, data_dir=args.tfds_data_dir)
   tokens = frame_documents(documents)
   graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
   bpb, count = evaluate_bpb(graphdef, params, tokens, frozen=frozen, seq_len=seq_len, batch_size=args.batch_size)
-  print(json.dumps({"bpb": round(bpb, 5), "bytes": count, "checkpoint_step": meta["step"], "model": meta["model"]}))
+  print(json.dumps({"bpb": round(bpb, 5), "bytes": count, "checkpoint_step": meta["step"], "model": meta["model"],
+                    **report}))
+
+
+def _eval_suites(args, model, meta, report):
+  """``eval --suite``: ``bytescale.evals`` suites; a table on stderr (unless --json), one JSON line on stdout."""
+  from bytescale.data.sources import load_documents
+  from bytescale.evals import suites
+
+  names = suites.parse_suites(args.suite)
+  if args.seed < 0:
+    raise configs.ConfigError(f"--seed must be >= 0, got {args.seed}")
+  if args.examples is not None and args.examples < 1:
+    raise configs.ConfigError(f"--examples must be >= 1, got {args.examples}")
+  overrides = {"seed": args.seed, "examples": args.examples}
+  if args.passkey_lengths:
+    try:
+      overrides["passkey_lengths"] = tuple(int(n) for n in args.passkey_lengths.split(","))
+    except ValueError:
+      raise configs.ConfigError(f"--passkey-lengths: expected comma-separated byte counts like 256,512, got "
+                                f"{args.passkey_lengths!r}") from None
+  settings = suites.SuiteSettings.for_seq_len(args.seq_len or meta["train_config"]["seq_len"], **overrides)
+  text, source = b"", None
+  if set(names) & set(suites.TEXT_SUITES):
+    if args.data is not None:
+      text = b"\n".join(load_documents(args.data, max_bytes=args.max_bytes, data_dir=args.tfds_data_dir))
+      source = args.data
+    elif "data_config" in meta:
+      text = suites.held_out_text(meta["data_config"])[:args.max_bytes]
+      source = f"validation split of {meta['data_config']['source']}"
+    else:
+      raise configs.ConfigError(f"--data: {args.ckpt} does not record its training data; pass the text to use")
+  result = suites.run_suites(model, names, text, settings, batch_size=args.batch_size, progress=not args.no_progress)
+  if not args.json:
+    for name, suite in result["suites"].items():
+      for score, value in suite["scores"].items():
+        print(f"{name:10s} {score:28s} {value:9.4f}", file=sys.stderr)
+  print(json.dumps({"model": meta["model"], "checkpoint_step": meta["step"], "data": source, **report, **result}))
 
 
 def cmd_generate(args):

@@ -4,10 +4,10 @@ module of the same layer or one below it, and no chain of imports comes back to 
 Layers, bottom to top (docs/ARCHITECTURE.md draws the same picture):
 
   0  vocab, ops/*, kernels/*         pure functions on arrays, Pallas kernels
-  1  configs, data/*, parallel        validated configs, data pipeline, the logical-axis table
+  1  configs, data/*, parallel        validated configs, data pipeline, the logical-axis table; evals' task generators
   2  nn/*, patching, entropy, flops   thin NNX layers, patchers, FLOP arithmetic
   3  models/*                         the models, their presets and FLOP counters, the registry table
-  4  train/*, generate, speculative, interop, rope_search
+  4  train/*, generate, speculative, interop, rope_search, evals.scoring, evals.suites
   5  cli, commands/*                  command-line code
 
 Edges are read from the source with ``ast`` (nothing is imported), so a lazy import inside a function counts
@@ -26,11 +26,13 @@ PACKAGE_ROOT = pathlib.Path(__file__).resolve().parent.parent / "bytescale"
 
 LAYERS = (
     ("bytescale", "bytescale.vocab", "bytescale.ops", "bytescale.ops.*", "bytescale.kernels", "bytescale.kernels.*"),
-    ("bytescale.configs", "bytescale.data", "bytescale.data.*", "bytescale.parallel"),
+    ("bytescale.configs", "bytescale.data", "bytescale.data.*", "bytescale.parallel",
+     "bytescale.evals", "bytescale.evals.tasks", "bytescale.evals.noise", "bytescale.evals.chars",
+     "bytescale.evals.passkey", "bytescale.evals.induction"),
     ("bytescale.nn", "bytescale.nn.*", "bytescale.patching", "bytescale.entropy", "bytescale.flops"),
     ("bytescale.models", "bytescale.models.*"),
     ("bytescale.train", "bytescale.train.*", "bytescale.generate", "bytescale.speculative", "bytescale.interop",
-     "bytescale.rope_search"),
+     "bytescale.rope_search", "bytescale.evals.scoring", "bytescale.evals.suites"),
     ("bytescale.cli", "bytescale.commands", "bytescale.commands.*"),
 )
 

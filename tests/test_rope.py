@@ -1,6 +1,7 @@
 """RoPE context-extension family: every expected value here is an independent float64 closed form."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -341,3 +342,130 @@ def test_kv_cache_crossing_the_longrope_switch_rerotates_to_the_full_forward():
   refreshed = rope.rerotate(cached, positions, config, from_seq_len=4096, to_seq_len=4097)
   np.testing.assert_allclose(refreshed, full_forward, atol=5e-6)
   assert int(rope.rotation_regime(RopeConfig(), 10**6)) == 0  # length-independent methods never go stale
+
+
+# --- LongRoPE factor sets (progressive extension) -------------------------------------------------------------
+
+# Four sets over L = 64, as a progressive extension writes them: two short re-searched sets, then two stage sets.
+SET_LENGTH = 64
+SETS = (
+    {"max_length": 64, "factors": [1.0, 1.0, 1.1, 1.2]},  # attention_factor default: s = 1 -> 1
+    {"max_length": 128, "factors": [1.0, 1.3, 1.8, 2.4], "n_hat": 3},  # default: s = 2
+    {"max_length": 1024, "factors": [1.1, 2.5, 9.0, 16.0], "attention_factor": 1.25, "n_hat": 8},
+    {"max_length": 4096, "factors": [1.2, 4.0, 30.0, 64.0]},  # serves every longer length too
+)
+
+
+def sets_config():
+  return RopeConfig(rope_type="longrope", original_max_position_embeddings=SET_LENGTH, factor_sets=SETS)
+
+
+def serving(seq_len):
+  """The set of SETS a current length reads (first max_length >= seq_len, else the last), written out here."""
+  for entry in SETS:
+    if seq_len <= entry["max_length"]:
+      return entry
+  return SETS[-1]
+
+
+def expected_scale(entry):
+  s = entry["max_length"] / SET_LENGTH
+  return entry.get("attention_factor", 1.0 if s <= 1 else math.sqrt(1 + math.log(s) / math.log(SET_LENGTH)))
+
+
+def test_factor_sets_rotate_each_length_with_its_own_set_scale_and_n_hat():
+  config, d = sets_config(), 8
+  w = base_frequencies(d, 10000.0)
+  positions = np.array([[0, 2, 3, 7, 8, 63, 100, 127, 1000, 5000]], np.int32)
+  rotate = jax.jit(lambda x, p, n: rope.rotate(x, p, config, seq_len=n))
+  for seq_len in (1, 64, 65, 128, 129, 1024, 1025, 4096, 9000):
+    entry = serving(seq_len)
+    unscaled = positions[..., None] < entry.get("n_hat", 0)
+    expected = positions[..., None] * np.where(unscaled, w, w / np.array(entry["factors"]))
+    angles, norms = rotation_angles(config, positions, d, seq_len)
+    assert wrapped(angles - expected).max() < 2e-6, seq_len
+    np.testing.assert_allclose(norms, expected_scale(entry), rtol=1e-6, err_msg=str(seq_len))
+    traced = rotate(unit_pairs(positions.shape[1], d), jnp.asarray(positions), jnp.int32(seq_len))
+    static = rope.rotate(unit_pairs(positions.shape[1], d), jnp.asarray(positions), config, seq_len=seq_len)
+    np.testing.assert_allclose(traced, static, atol=2e-6, err_msg=str(seq_len))
+    inv_freq, scale = rope.rope_tables(config, d, seq_len)
+    np.testing.assert_allclose(inv_freq, w / np.array(entry["factors"]), rtol=1e-14)
+    assert scale == pytest.approx(expected_scale(entry), rel=1e-15)
+  lengths = jnp.asarray([1, 64, 65, 128, 129, 4096, 4097, 10**6], jnp.int32)
+  expected_regime = [0, 0, 1, 1, 2, 3, 3, 3]
+  assert np.asarray(rope.rotation_regime(config, lengths)).tolist() == expected_regime
+  assert np.asarray(jax.jit(lambda n: rope.rotation_regime(config, n))(lengths)).tolist() == expected_regime
+
+
+def test_the_short_long_pair_is_the_two_set_case():
+  phi = phi35_config(n_hat=2)
+  scale = rope.attention_scale(phi)
+  as_sets = RopeConfig(rope_type="longrope", original_max_position_embeddings=4096, factor_sets=(
+      (4096, PHI35_SHORT_FACTOR, scale, 2), (131072, PHI35_LONG_FACTOR, scale, 2)))
+  x = jax.random.normal(jax.random.PRNGKey(7), (1, 4, 2, 96))
+  positions = jnp.asarray([[0, 1, 4000, 4096]], jnp.int32)
+  for seq_len in (4096, 4097, 200000):
+    np.testing.assert_array_equal(rope.rotate(x, positions, as_sets, seq_len=seq_len),
+                                  rope.rotate(x, positions, phi, seq_len=seq_len))
+    assert int(rope.rotation_regime(as_sets, seq_len)) == int(rope.rotation_regime(phi, seq_len))
+
+
+def test_rerotate_between_sets_maps_angles_and_scales():
+  config = sets_config()
+  keys = jax.random.normal(jax.random.PRNGKey(8), (1, 5, 2, 8))
+  positions = jnp.asarray([[0, 2, 9, 60, 127]], jnp.int32)
+  for old, new in ((128, 129), (129, 128), (64, 1025), (5000, 65)):  # scales differ on each of these switches
+    cached = rope.rotate(keys, positions, config, seq_len=old)
+    refreshed = rope.rerotate(cached, positions, config, from_seq_len=old, to_seq_len=new)
+    np.testing.assert_allclose(refreshed, rope.rotate(keys, positions, config, seq_len=new), atol=5e-6,
+                               err_msg=f"{old} -> {new}")
+
+
+def test_factor_sets_load_from_a_rope_scaling_block_and_survive_the_checkpoint_meta():
+  from bytescale import configs
+
+  block = {"rope_type": "longrope", "original_max_position_embeddings": SET_LENGTH, "factor_sets": list(SETS)}
+  loaded = RopeConfig.from_hf(block, rope_theta=10000.0, max_position_embeddings=4096)
+  assert loaded == sets_config() and loaded.factor == 1.0  # no factor derived from max_position_embeddings
+  assert [s.max_length for s in loaded.factor_sets] == [64, 128, 1024, 4096]
+  assert [s.n_hat for s in loaded.factor_sets] == [0, 3, 8, 0]
+  assert loaded.factor_sets[1].attention_factor == pytest.approx(math.sqrt(1 + math.log(2) / math.log(64)))
+  import json
+
+  again = configs.from_dict(json.loads(json.dumps(configs.to_dict(loaded))))  # what checkpoint meta does
+  assert again == loaded and hash(again) == hash(loaded)
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: RopeConfig(rope_type="yarn", factor=2.0, original_max_position_embeddings=8,
+                            factor_sets=((8, (1.0,)),)), "factor_sets"),
+        (lambda: RopeConfig(rope_type="longrope", original_max_position_embeddings=8,
+                            factor_sets=((16, (1.0, 2.0)), (16, (1.0, 3.0)))), "factor_sets[1].max_length"),
+        (lambda: RopeConfig(rope_type="longrope", original_max_position_embeddings=8,
+                            factor_sets=((16, (1.0, 2.0)), (32, (1.0,)))), "factor_sets[1].factors"),
+        (lambda: RopeConfig(rope_type="longrope", original_max_position_embeddings=8,
+                            factor_sets=({"max_length": 16, "factor": [1.0]},)), "factor_sets[0]"),
+        (lambda: RopeConfig(rope_type="longrope", original_max_position_embeddings=8,
+                            factor_sets=((16, (1.0, -2.0)),)), "factor_sets[0].factors[1]"),
+        (lambda: RopeConfig(rope_type="longrope", original_max_position_embeddings=8, short_factor=(1.0,),
+                            factor_sets=((16, (1.0,)),)), "short_factor"),
+        (lambda: RopeConfig(rope_type="longrope", original_max_position_embeddings=8, factor=4.0,
+                            factor_sets=((16, (1.0,)),)), "factor"),
+        (lambda: RopeConfig(rope_type="longrope", original_max_position_embeddings=8, n_hat=2,
+                            factor_sets=((16, (1.0,)),)), "n_hat"),
+        (lambda: RopeConfig(rope_type="longrope", original_max_position_embeddings=8,
+                            factor_sets=((16, (1.0,), 1.0, -1),)), "factor_sets[0].n_hat"),
+        (lambda: RopeConfig(rope_type="longrope", original_max_position_embeddings=8, factor_sets=()),
+         "factor_sets"),
+    ],
+)
+def test_bad_factor_sets_raise_naming_the_field(make, field):
+  with pytest.raises(ValueError, match=rf"RopeConfig\.{re.escape(field)}:"):
+    make()
+
+
+def test_factor_set_lengths_are_checked_against_the_head_dim():
+  with pytest.raises(ValueError, match=r"factor_sets\[0\]\.factors: has 4 entries.*needs 8"):
+    rope.rotate(jnp.zeros((1, 2, 1, 16)), jnp.zeros((1, 2), jnp.int32), sets_config())

@@ -25,6 +25,10 @@ LENGTH = 16
 LONGROPE = RopeConfig(rope_type="longrope", original_max_position_embeddings=LENGTH, factor=4.0, n_hat=3,
                       short_factor=(1.0, 1.1, 1.3, 1.6), long_factor=(1.0, 2.5, 6.0, 12.0))
 DYNAMIC = RopeConfig(rope_type="dynamic", original_max_position_embeddings=LENGTH, factor=2.0)
+# A progressive extension's sets: switches at 12 -> 13, 16 -> 17 and 24 -> 25, each with its own scale and n_hat.
+SETS = RopeConfig(rope_type="longrope", original_max_position_embeddings=LENGTH, factor_sets=(
+    (12, (1.0, 1.0, 1.1, 1.2), 1.0, 0), (16, (1.0, 1.2, 1.5, 2.0), 1.05, 2),
+    (24, (1.0, 2.0, 4.0, 7.0), 1.2, 0), (28, (1.1, 3.0, 9.0, 20.0), 1.3, 4)))
 TOTAL = 30
 CHECKED_LENGTHS = (11, 16, 17, 18, 30)  # around the switch at 16 -> 17, and beyond
 
@@ -42,9 +46,9 @@ def _decode(model, cache, ids):
   return out.logits_BxTxV, cache
 
 
-@pytest.fixture(scope="module", params=["longrope", "dynamic"])
+@pytest.fixture(scope="module", params=["longrope", "dynamic", "factor_sets"])
 def setup(request):
-  config = {"longrope": LONGROPE, "dynamic": DYNAMIC}[request.param]
+  config = {"longrope": LONGROPE, "dynamic": DYNAMIC, "factor_sets": SETS}[request.param]
   ids = jnp.asarray(np.random.default_rng(1).integers(0, 256, size=(2, TOTAL)), jnp.int32)
   return (request.param, ids, *build(config))
 
@@ -97,6 +101,30 @@ def test_rows_at_lengths_in_different_regimes_each_match_their_own_forward(setup
   logits, cache = decode(state, cache, step_ids)
   assert_close(logits[0, 0], forward(state, ids[:1, :21])[0, -1], atol=2e-5, what="row 0 (long regime)")
   assert_close(logits[1, 0], forward(state, ids[1:, :13])[0, -1], atol=2e-5, what="row 1 (short regime)")
+
+
+def test_each_length_reads_the_factor_set_serving_it_as_if_it_were_alone():
+  """Logits at each length, full forward and token-by-token cached decoding, equal those of the same parameters
+  configured with that set alone (a short/long config holding the set twice, with its scale and n_hat)."""
+  ids = jnp.asarray(np.random.default_rng(6).integers(0, 256, size=(2, TOTAL)), jnp.int32)
+  model, state, forward, decode = build(SETS, seed=7)
+  alone = {}
+  for entry in SETS.factor_sets:
+    config = RopeConfig(rope_type="longrope", original_max_position_embeddings=LENGTH, short_factor=entry.factors,
+                        long_factor=entry.factors, attention_factor=entry.attention_factor, n_hat=entry.n_hat)
+    alone[entry.max_length] = build(config, seed=7)[2]  # same seed: the same parameters
+  serving = lambda n: next((m for m in (12, 16, 24) if n <= m), 28)  # the sets' lengths, written out here
+  cache = model.init_cache(2, 32)
+  logits, cache = decode(state, cache, ids[:, :5])
+  for n in range(6, TOTAL + 1):
+    logits, cache = decode(state, cache, ids[:, n - 1:n])
+    if n in (12, 13, 17, 30):  # the first set's end, and into each later set (the last: past its length)
+      reference = alone[serving(n)](state, ids[:, :n])
+      assert_close(forward(state, ids[:, :n]), reference, atol=2e-5, what=f"forward at {n}")
+      assert_close(logits[:, 0], reference[:, -1], atol=2e-5, what=f"decode at {n}")
+  # The sets differ where it shows: each length's logits differ from its neighbour set's.
+  for n, other in ((13, 12), (30, 24)):
+    assert np.abs(np.asarray(forward(state, ids[:, :n]) - alone[other](state, ids[:, :n]))).max() > 1e-3, n
 
 
 def test_length_independent_extensions_keep_decoding_exactly():

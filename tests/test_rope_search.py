@@ -92,6 +92,63 @@ def test_search_improves_a_synthetic_fitness_and_finds_n_hat():
   assert result.fitness == pytest.approx(fitness(factors, result.n_hat))
 
 
+def test_search_defaults_are_the_papers():
+  """LongRoPE (arXiv 2402.13753): section 4.1 "P=64, N1=N2=16, p=0.3, T=40, and select top-32"; Table 4:
+  lambda_i in (1.0, 1.25 s, step 0.01), n_hat in {0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256}."""
+  config = SearchConfig()
+  assert (config.population, config.mutations, config.crossovers, config.mutation_rate, config.iterations) == (
+      64, 16, 16, 0.3, 40)
+  assert config.parents == 32
+  assert config.min_factor == 1.0 and rope_search.GRID_STEPS_PER_UNIT == 100
+  assert config.max_factor_for(8.0) == pytest.approx(10.0) and config.max_factor_for(32.0) == pytest.approx(40.0)
+  assert config.max_factor_for(0.5) == pytest.approx(1.25)  # a short length: ratio 1
+  assert config.search_n_hat
+  paper = (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32, 64, 128, 256)
+  assert config.n_hat_choices_for(4096) == paper
+  assert config.n_hat_choices_for(64) == (0, 1, 2, 4, 8, 12, 16, 20, 24, 28, 32)  # values >= L dropped
+  assert config.n_hat_choices_for(16) == (0, 1, 2, 4, 8, 12)
+  assert SearchConfig(search_n_hat=False).n_hat_choices_for(4096) == (0,)
+  assert SearchConfig(max_factor=3.0).max_factor_for(8.0) == 3.0
+
+
+def recorded_evolve(monkeypatch):
+  """Wraps ``rope_search.evolve`` (still searching) and records the bounds each search passes it."""
+  calls, real = [], rope_search.evolve
+
+  def recording(fitness, seeds, config, *, max_factor, n_hat_choices=(0,), progress=True):
+    calls.append({"max_factor": max_factor, "n_hat_choices": tuple(n_hat_choices), "seeds": dict(seeds)})
+    return real(fitness, seeds, config, max_factor=max_factor, n_hat_choices=n_hat_choices, progress=progress)
+
+  monkeypatch.setattr(rope_search, "evolve", recording)
+  return calls
+
+
+TINY_SEARCH = SearchConfig(population=4, iterations=1, mutations=1, crossovers=1)
+
+
+def test_a_short_search_keeps_the_long_regimes_attention_scale_and_uses_a_short_bound(monkeypatch):
+  calls = recorded_evolve(monkeypatch)
+  extended = RopeConfig(rope_type="longrope", factor=8.0, original_max_position_embeddings=16,
+                        short_factor=(1.0,) * 4, long_factor=(1.0, 2.0, 5.0, 9.0))
+  model = ByteLM(tiny_bytelm_config(rope=extended), rngs=nnx.Rngs(0))
+  windows = np.random.default_rng(5).integers(0, 256, size=(2, 17)).astype(np.int32)
+  found = rope_search.search_longrope(model, windows, target_length=16, original_length=16, search=TINY_SEARCH,
+                                      progress=False)
+  assert found.searched == "short_factor"
+  assert found.rope_config.long_factor == (1.0, 2.0, 5.0, 9.0)
+  scale = math.sqrt(1 + math.log(8) / math.log(16))  # the long regime's, written out: s = 8, L = 16
+  assert rope.attention_scale(found.rope_config) == pytest.approx(scale)
+  assert calls[-1]["max_factor"] == pytest.approx(1.25)  # Table 4's bound at ratio 1
+  assert calls[-1]["n_hat_choices"] == (0, 1, 2, 4, 8, 12)
+  # A long search on an unextended model: s = 64 / 16 = 4, bound 1.25 * 4.
+  plain = ByteLM(tiny_bytelm_config(), rngs=nnx.Rngs(0))
+  windows = np.random.default_rng(6).integers(0, 256, size=(2, 65)).astype(np.int32)
+  found = rope_search.search_longrope(plain, windows, target_length=64, original_length=16, search=TINY_SEARCH,
+                                      progress=False)
+  assert found.rope_config.factor == 4.0 and calls[-1]["max_factor"] == pytest.approx(5.0)
+  assert max(found.rope_config.long_factor) <= 5.0 and found.rope_config.n_hat in (0, 1, 2, 4, 8, 12)
+
+
 def test_search_config_is_validated():
   with pytest.raises(ValueError, match="population"):
     SearchConfig(population=8, mutations=4, crossovers=4)
@@ -99,6 +156,8 @@ def test_search_config_is_validated():
     SearchConfig(mutation_rate=0.0)
   with pytest.raises(ValueError, match="max_factor"):
     SearchConfig(max_factor=0.5)
+  with pytest.raises(ValueError, match="n_hat_choices"):
+    SearchConfig(n_hat_choices=(0, -4))
 
 
 def test_model_fitness_with_traced_factors_equals_a_model_built_with_them():
@@ -131,7 +190,7 @@ def test_rope_search_command_writes_a_loadable_monotone_config(tmp_path, capsys)
   out = str(tmp_path / "factors.json")
   status = cli.main(["rope-search", "--ckpt", run, "--data", str(data), "--target-length", "64",
                      "--population", "6", "--iterations", "2", "--mutations", "2", "--crossovers", "2",
-                     "--windows", "3", "--batch-size", "3", "--search-n-hat", "--out", out, "--no-progress"])
+                     "--windows", "3", "--batch-size", "3", "--out", out, "--no-progress"])
   assert status == 0
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert summary["searched"] == "long_factor" and summary["factor"] == 4.0 and summary["original_length"] == 16
@@ -142,6 +201,7 @@ def test_rope_search_command_writes_a_loadable_monotone_config(tmp_path, capsys)
   found = extended.stack.rope
   assert found.rope_type == "longrope" and found.original_max_position_embeddings == 16 and found.factor == 4.0
   assert len(found.long_factor) == 4 and np.all(np.diff(found.long_factor) >= 0)
+  assert max(found.long_factor) <= 1.25 * 4 and found.n_hat in (0, 1, 2, 4, 8, 12)  # Table 4, below L = 16
   assert found.short_factor == (1.0,) * 4
   # The score the search reports is the bits per byte of the model built from the written file.
   _, held_out = split_stream(frame_documents([text]), 0.1)
@@ -149,3 +209,79 @@ def test_rope_search_command_writes_a_loadable_monotone_config(tmp_path, capsys)
   rebuilt = rope_search.rebuild_with_config(model, extended)
   assert rope_search.bits_per_byte_fn(rebuilt, batch_size=3)(windows) == pytest.approx(summary["bpb"], abs=1e-4)
   assert jnp.isfinite(summary["bpb"])
+
+
+# --- Progressive extension (bytescale rope-extend) --------------------------------------------------------------
+
+
+def test_rope_extend_flags_are_checked_before_any_work(tmp_path, capsys):
+  from bytescale import cli
+
+  base = ["rope-extend", "--ckpt", str(tmp_path / "missing"), "--data", "stdlib", "--out", str(tmp_path / "x")]
+  assert cli.main(base + ["--lengths", "64,128", "--steps", "1,2,3"]) == 2
+  assert "--steps: give one value or one per stage (2), got 3" in capsys.readouterr().err
+  assert cli.main(base + ["--lengths", "64,x"]) == 2
+  assert "--lengths: expected comma-separated integers" in capsys.readouterr().err
+  assert cli.main(base + ["--lengths", "64", "--population", "8", "--mutations", "4", "--crossovers", "4"]) == 2
+  assert "SearchConfig.population" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="ExtensionStage.steps"):
+    rope_search.ExtensionStage(64, steps=-1)
+
+
+def test_short_recovery_scales_are_the_final_ratio_halved_and_rescale_like_the_authors_code():
+  assert rope_search.short_ratio_candidates(64.0) == [64.0, 32.0, 16.0, 8.0, 4.0, 2.0, 1.0]
+  assert rope_search.short_ratio_candidates(6.0) == [6.0, 3.0, 1.5]
+  factors = np.array([1.0, 3.0, 17.0, 64.0])
+  for t in (1.0, 4.0, 32.0, 64.0):  # lambda - 1 shrinks in proportion to s - 1: ones at t = 1, unchanged at t = s
+    expected = [1.0 + (f - 1.0) * (t - 1.0) / 63.0 for f in factors]
+    np.testing.assert_allclose(rope_search.rescaled_factors(factors, 64.0, t), expected, rtol=1e-15)
+
+
+@pytest.mark.slow
+def test_rope_extend_chains_search_and_fine_tunes_and_writes_every_set(tmp_path, capsys):
+  from bytescale import cli, configs
+  from bytescale.data.pipeline import DataConfig, frame_documents, split_stream
+  from bytescale.train.checkpoint import load_model, read_meta
+  from bytescale.train.loop import train
+
+  text = b"To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. " * 200
+  data = tmp_path / "text.txt"
+  data.write_bytes(text)
+  run = str(tmp_path / "run")
+  train(tiny_bytelm_config(), configs.TrainConfig(steps=3, batch_size=2, seq_len=16, log_every=1),
+        DataConfig(source=str(data), seq_len=16, batch_size=2), run, progress=False)
+  out = tmp_path / "extended"
+  status = cli.main(["rope-extend", "--ckpt", run, "--data", str(data), "--lengths", "48,96", "--steps", "2",
+                     "--batch-size", "2", "--population", "4", "--iterations", "1", "--mutations", "1",
+                     "--crossovers", "1", "--windows", "2", "--eval-batch-size", "2", "--out", str(out),
+                     "--no-progress"])
+  assert status == 0
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  # Served: the short sets L, 2L, then the last fine-tuned stage's set (the 48 set predates the last fine-tune).
+  assert summary["serves"] == [[1, 16], [17, 32], [33, None]]
+  # Each stage fine-tuned in its own run, warm-started from the previous one.
+  assert read_meta(str(out / "stage_48"))["init_from"]["path"].startswith(run)
+  assert read_meta(str(out / "stage_96"))["init_from"]["path"].startswith(str(out / "stage_48"))
+  assert summary["final_run"] == str(out / "stage_96")
+  model, _ = load_model(summary["final_run"])
+  extended = rope.apply_rope_scaling(model.config, str(out / "rope_scaling.json"))
+  sets = extended.stack.rope.factor_sets
+  assert [s.max_length for s in sets] == [16, 32, 96]
+  written = json.loads((out / "rope_scaling.json").read_text())["bytescale_progressive"]["stages"]
+  assert [(r["length"], r["served"]) for r in written] == [(48, False), (96, True)]
+  assert written[0]["run"] == str(out / "stage_48") and len(written[0]["factors"]) == 4
+  scale = lambda s: math.sqrt(1 + math.log(s) / math.log(16))  # LongRoPE's, written out; L = 16
+  assert sets[2].attention_factor == pytest.approx(scale(96 / 16))
+  for entry, record in zip(sets[:2], summary["short"]):
+    # The short re-search runs at the best of the final ratio 6 halved (6, 3, 1.5): its bound and scale.
+    assert record["ratio"] in (6.0, 3.0, 1.5) and max(entry.factors) <= 1.25 * record["ratio"]
+    assert entry.attention_factor == pytest.approx(scale(record["ratio"]))
+  # The scores reported for the final weights are those of the final run's model under the written file; every
+  # search scores the bytes of 2 windows of the last length (96).
+  rebuilt = rope_search.rebuild_with_config(model, extended)
+  _, held_out = split_stream(frame_documents([text]), 0.1)
+  windows = lambda n: rope_search.held_out_windows(held_out, n, 2 * 96 // n)
+  score = lambda n: rope_search.bits_per_byte_fn(rebuilt, batch_size=2)(windows(n))
+  for record in summary["short"]:
+    assert score(record["length"]) == pytest.approx(record["bpb_searched"], abs=1e-4)
+  assert score(96) == pytest.approx(summary["stages"][-1]["bpb_tuned"], abs=1e-4)

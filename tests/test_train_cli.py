@@ -89,6 +89,15 @@ def test_eval_and_generate_read_the_checkpoint(trained_run, corpus_file):
   assert gen["prompt"] == "The " and gen["bytes"] <= 20
 
 
+def test_eval_strided_needs_a_megabyte_checkpoint(trained_run, corpus_file):
+  """``--strided`` (MegaByte's strided inference) on a ByteLM checkpoint is one clear error line, status 2."""
+  out, _ = trained_run
+  proc = run_cli("eval", "--ckpt", out, "--data", corpus_file, "--max-bytes", "300", "--strided", "paper", check=False)
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr
+  error_lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+  assert len(error_lines) == 1 and "--strided" in error_lines[0] and "'bytelm'" in error_lines[0], proc.stderr
+
+
 def test_rerun_with_same_out_resumes(trained_run, corpus_file):
   out, _ = trained_run
   proc = run_cli("train", "--data", corpus_file, "--steps", "14", "--out", out, "--set", "log_every=1",

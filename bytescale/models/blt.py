@@ -464,8 +464,8 @@ def flops_per_byte(config: BLTConfig, seq_len: int, average_patch_size: float | 
   free). The global model runs once per patch: ``1 / average_patch_size`` times per byte over a context of
   ``seq_len / average_patch_size`` patches; encoder queries attend to the bytes of their own patch (in both
   conventions: ``ops.attention.segment_local_attention`` computes only those pairs). With ``attention="dense"``
-  (what the plain XLA path computes) every one of the ``max_patches`` slots is counted. ``average_patch_size`` defaults to the
-  stride for strided patching and to 4.5 (the paper's) otherwise; pass the measured one.
+  (what the plain XLA path computes) every one of the ``max_patches`` slots is counted. ``average_patch_size``
+  defaults to the stride for strided patching and to 4.5 (the paper's) otherwise; pass the measured one.
 
   ``include_entropy_model`` adds the entropy model's forward passes (entropy patching only) as separate
   ``entropy_model.*`` components, frozen (training factor 1); the default total excludes them, as the paper does.

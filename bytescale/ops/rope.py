@@ -2,7 +2,9 @@
 
 Convention: half-split pairs. Within the rotary part (the first ``rotary_dim`` features of a head, the rest pass
 through), feature ``i`` pairs with feature ``i + rotary_dim/2`` and is rotated by the angle ``m * w_i`` of the
-token's position ``m``. This matches Hugging Face's ``rotate_half``, so published weights load unpermuted.
+token's position ``m``. This is the layout of Hugging Face's Llama-style ``rotate_half``. Checkpoints that pair
+adjacent features ``(2i, 2i+1)`` instead (Meta's reference BLT code, HF's BLT port, which uses Cohere's
+interleaved ``rotate_half``) would need their q/k projection features permuted. No checkpoint loader exists yet.
 
 Methods (``RopeConfig.rope_type``; keys follow Hugging Face's ``rope_scaling`` so published blocks load as they
 are, see ``RopeConfig.from_hf``). ``d`` is the rotary dim, ``b`` the base ``rope_theta``, ``s`` the ``factor``,
@@ -28,6 +30,12 @@ are, see ``RopeConfig.from_hf``). ``d`` is the rotary dim, ``b`` the base ``rope
   both regimes, as HF and Phi-3 do. The factors come from an evolutionary search that is not part of this module:
   a search module produces ``short_factor``/``long_factor`` tuples, can score candidates with
   ``longrope_inverse_frequencies``, and builds configs with ``dataclasses.replace``.
+  Progressive extension (LongRoPE's 4k/8k short sets plus the sets of each extension stage) needs more than two
+  sets: ``factor_sets`` (a bytescale key, instead of ``short_factor``/``long_factor``) is a tuple of
+  ``FactorSet(max_length, factors, attention_factor, n_hat)`` with increasing ``max_length``; the current length
+  ``n`` picks the first set with ``n <= max_length`` (the last set serves every longer length too), and that set
+  alone gives the rotation: its factors, its ``n_hat``, its ``attention_factor`` (default ``sqrt(1 + ln s /
+  ln L)`` with ``s = max_length / L``). The short/long pair is the two-set case ``longrope_sets`` returns for it.
 
 Precision. A float32 product ``m * w`` at ``m ~ 1e6`` is off by up to ~0.1 rad (the rounding of ``w`` times ``m``
 plus the rounding of the product), differently for every position, which breaks the relative-position property
@@ -47,13 +55,16 @@ frequencies at such lengths pass ``seq_len`` as a python int (e.g. bucketed by t
 
 Length dependence and KV caches. ``dynamic`` and ``longrope`` rotate every position differently once the current
 length changes regime, so keys already in a cache can go stale. ``rotation_regime(config, seq_len)`` returns an
-int32 id with the guarantee: equal regimes => identical rotation of every position. Our choice for the cache:
-it stores ROTATED keys together with the regime they were rotated under; when ``rotation_regime`` of the new
-length differs, the cache calls ``rerotate(keys, positions, config, from_seq_len=..., to_seq_len=...)``, which
-maps keys rotated for one length onto the rotation a full forward at the other length would use (the attention
-scale does not depend on length, so only the angle changes). For ``longrope`` that happens once per sequence
-(when the length first exceeds ``L``); for ``dynamic`` it happens at every length beyond ``L``, so a cache for
-``dynamic`` is better off storing unrotated keys and rotating them with the current length at read time.
+int32 id with the guarantee: equal regimes => identical rotation of every position. The KV cache
+(``bytescale.nn.attention``) keeps the regime its keys and values were computed under and the stack input of
+every slot, and recomputes every layer when a row's regime changes: re-rotating cached keys would fix the first
+layer only, since deeper keys and values come from attention outputs that used the old rotation.
+``rerotate(keys, positions, config, from_seq_len=..., to_seq_len=...)`` (used by no cache, tested on its own)
+maps keys rotated for one length onto the rotation a full forward at the other length would use (angle and, for
+``factor_sets`` whose sets differ in ``attention_factor``, scale). For ``longrope`` the regime is the index of
+the factor set serving the length, so it changes once per set boundary a sequence crosses (the short/long pair:
+once, when the length first exceeds ``L``); for ``dynamic`` it changes at every length beyond ``L``, so the cache
+recomputes at every step there.
 Every other method has a single regime (0).
 """
 
@@ -66,7 +77,7 @@ import functools
 import json
 import math
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -88,7 +99,7 @@ _HF_KEYS_BY_TYPE = {
     }),
     "llama3": frozenset({"factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"}),
     "longrope": frozenset({"factor", "original_max_position_embeddings", "short_factor", "long_factor",
-                           "attention_factor", "n_hat"}),
+                           "attention_factor", "n_hat", "factor_sets"}),
 }
 _NEEDS_ORIGINAL_LENGTH = ("dynamic", "yarn", "llama3", "longrope")
 # Optional fields only some methods read; setting one for another method is an error rather than a no-op.
@@ -98,7 +109,24 @@ _OPTIONAL_FIELD_USERS = {
     "attention_factor": ("yarn", "longrope"),
     "short_factor": ("longrope",),
     "long_factor": ("longrope",),
+    "factor_sets": ("longrope",),
 }
+_FACTOR_SET_KEYS = ("max_length", "factors", "attention_factor", "n_hat")
+
+
+class FactorSet(NamedTuple):
+  """One LongRoPE factor set: the rotation of every current length up to ``max_length`` (beyond the previous
+  set's). ``max_length`` is None only for the long set of a short/long config (see ``longrope_sets``)."""
+
+  max_length: int | None
+  factors: tuple[float, ...]  # lambda_i, one per rotary pair
+  attention_factor: float  # multiplies cos and sin
+  n_hat: int  # leading positions left unscaled
+
+
+def longrope_attention_factor(scale: float, original_length: int) -> float:
+  """LongRoPE's cos/sin scale ``sqrt(1 + ln s / ln L)`` for an extension ``s`` of length ``L`` (1 when s <= 1)."""
+  return 1.0 if scale <= 1 else math.sqrt(1 + math.log(scale) / math.log(original_length))
 
 
 def _fail(field: str, message: str):
@@ -136,6 +164,9 @@ class RopeConfig:
   low_freq_factor: float = 1.0  # llama3
   high_freq_factor: float = 4.0
   n_hat: int = 0  # longrope: leading positions left unscaled
+  # longrope: several sets chosen by the current length (progressive extension), instead of short/long factors;
+  # each a FactorSet, or a dict / sequence (max_length, factors[, attention_factor[, n_hat]]) normalised to one.
+  factor_sets: tuple[FactorSet, ...] | None = None
   truncate: bool = True  # yarn: floor/ceil the ramp ends (HF default); gpt-oss sets False
   partial_rotary_factor: float = 1.0  # fraction of each head's features that rotate
 
@@ -171,15 +202,20 @@ class RopeConfig:
       _fail("high_freq_factor", f"must be > low_freq_factor ({self.low_freq_factor}), got {self.high_freq_factor}")
     for name in ("short_factor", "long_factor"):
       normalise(name, self._checked_factor_array(name))
-    if self.rope_type == "longrope":
-      for name in ("short_factor", "long_factor"):
-        if getattr(self, name) is None:
-          _fail(name, "rope_type 'longrope' needs both short_factor and long_factor (one factor per rotary pair)")
-      if len(self.short_factor) != len(self.long_factor):
-        _fail("long_factor", f"has {len(self.long_factor)} entries but short_factor has {len(self.short_factor)}")
     if isinstance(self.n_hat, bool) or not isinstance(self.n_hat, (int, np.integer)) or self.n_hat < 0:
       _fail("n_hat", f"must be an int >= 0, got {self.n_hat!r}")
     normalise("n_hat", int(self.n_hat))
+    if self.factor_sets is not None:
+      if self.rope_type != "longrope":
+        _fail("factor_sets", f"is only used by rope_type 'longrope', not {self.rope_type!r}; leave it None")
+      normalise("factor_sets", self._checked_factor_sets())
+    elif self.rope_type == "longrope":
+      for name in ("short_factor", "long_factor"):
+        if getattr(self, name) is None:
+          _fail(name, "rope_type 'longrope' needs both short_factor and long_factor (one factor per rotary pair), "
+                "or factor_sets")
+      if len(self.short_factor) != len(self.long_factor):
+        _fail("long_factor", f"has {len(self.long_factor)} entries but short_factor has {len(self.short_factor)}")
     if self.n_hat and self.rope_type != "longrope":
       _fail("n_hat", f"is only used by rope_type 'longrope', not {self.rope_type!r}; leave it 0")
     if not isinstance(self.truncate, (bool, np.bool_)):
@@ -204,6 +240,55 @@ class RopeConfig:
       _fail(name, "must not be empty")
     return checked
 
+  def _checked_factor_sets(self) -> tuple[FactorSet, ...]:
+    """``factor_sets`` as FactorSets (defaults filled in), checked; the fields it replaces must be left unset."""
+    for name, unset, value in (("short_factor", None, self.short_factor), ("long_factor", None, self.long_factor),
+                               ("attention_factor", None, self.attention_factor), ("n_hat", 0, self.n_hat),
+                               ("factor", 1.0, self.factor)):
+      if value != unset:
+        _fail(name, f"is not read when factor_sets is given (each set has its own factors, attention_factor and "
+              f"n_hat); leave it {unset}")
+    length = self.original_max_position_embeddings
+    if length < 2:
+      _fail("original_max_position_embeddings", f"must be >= 2 with factor_sets (ln L scales), got {length}")
+    sets = self.factor_sets
+    if isinstance(sets, (str, bytes, dict)) or not hasattr(sets, "__len__") or not len(sets):
+      _fail("factor_sets", f"must be a non-empty sequence of factor sets, got {sets!r}")
+    checked = []
+    for k, entry in enumerate(sets):
+      where = f"factor_sets[{k}]"
+      if isinstance(entry, dict):
+        unknown = sorted(set(entry) - set(_FACTOR_SET_KEYS))
+        if unknown or "max_length" not in entry or "factors" not in entry:
+          _fail(where, f"needs keys max_length and factors (optional attention_factor, n_hat), got {sorted(entry)}")
+        values = [entry.get(key) for key in _FACTOR_SET_KEYS]
+      elif not isinstance(entry, (str, bytes)) and hasattr(entry, "__len__") and 2 <= len(entry) <= 4:
+        values = list(entry) + [None] * (4 - len(entry))
+      else:
+        _fail(where, f"must be a dict or a sequence (max_length, factors[, attention_factor[, n_hat]]), got {entry!r}")
+      max_length, factors, attention, n_hat = values
+      if isinstance(max_length, bool) or not isinstance(max_length, (int, np.integer)) or max_length < 1:
+        _fail(f"{where}.max_length", f"must be a positive int, got {max_length!r}")
+      if isinstance(factors, (str, bytes)) or not hasattr(factors, "__len__") or not len(factors):
+        _fail(f"{where}.factors", f"must be a non-empty sequence of numbers, got {factors!r}")
+      factors = tuple(_check_real(f"{where}.factors[{i}]", v, minimum=0.0, exclusive=True)
+                      for i, v in enumerate(factors))
+      n_hat = 0 if n_hat is None else n_hat
+      if isinstance(n_hat, bool) or not isinstance(n_hat, (int, np.integer)) or n_hat < 0:
+        _fail(f"{where}.n_hat", f"must be an int >= 0, got {n_hat!r}")
+      if attention is None:
+        attention = longrope_attention_factor(max_length / length, length)
+      attention = _check_real(f"{where}.attention_factor", attention, minimum=0.0, exclusive=True)
+      checked.append(FactorSet(int(max_length), factors, attention, int(n_hat)))
+    for k in range(1, len(checked)):
+      if checked[k].max_length <= checked[k - 1].max_length:
+        _fail(f"factor_sets[{k}].max_length", f"must be > the previous set's ({checked[k - 1].max_length}), got "
+              f"{checked[k].max_length}: sets are listed by increasing length")
+      if len(checked[k].factors) != len(checked[0].factors):
+        _fail(f"factor_sets[{k}].factors", f"has {len(checked[k].factors)} entries but factor_sets[0] has "
+              f"{len(checked[0].factors)}")
+    return tuple(checked)
+
   @property
   def length_dependent(self) -> bool:
     """Whether the rotation of a position depends on the current total length (see ``rotation_regime``)."""
@@ -225,8 +310,9 @@ class RopeConfig:
     level) and ``partial_rotary_factor`` are the model config's top-level fields. The legacy ``type`` key is an
     alias of ``rope_type``. Keys the method does not read raise ``ValueError``. Where HF derives a value from the
     top-level lengths, so do we: YaRN's and LongRoPE's ``L`` default to ``max_position_embeddings``, LongRoPE's
-    ``factor`` defaults to ``max_position_embeddings / L``, and dynamic NTK uses ``max_position_embeddings`` as
-    ``L``, as HF does.
+    ``factor`` defaults to ``max_position_embeddings / L`` (not with ``factor_sets``, bytescale's key for more
+    than two sets, whose sets carry their own scales), and dynamic NTK uses ``max_position_embeddings`` as ``L``,
+    as HF does.
     """
     block = dict(rope_scaling or {})
     if "type" in block and "rope_type" in block and block["type"] != block["rope_type"]:
@@ -260,7 +346,10 @@ class RopeConfig:
       )
     elif rope_type == "llama3":
       fields["original_max_position_embeddings"] = block_length  # required in the block, as in HF
-    if rope_type in ("yarn", "longrope") and block.get("factor") is None:
+    if "factor_sets" in block:  # the sets carry their own lengths and scales: no factor to derive
+      block["factor_sets"] = tuple(block["factor_sets"]) if isinstance(block["factor_sets"], list) else (
+          block["factor_sets"])
+    elif rope_type in ("yarn", "longrope") and block.get("factor") is None:
       length = fields["original_max_position_embeddings"]
       if max_position_embeddings and length and max_position_embeddings != length:
         block["factor"] = max_position_embeddings / length
@@ -336,6 +425,31 @@ def longrope_is_long(config: RopeConfig, seq_len) -> bool:
   return int(seq_len) > config.original_max_position_embeddings
 
 
+def longrope_sets(config: RopeConfig) -> tuple[FactorSet, ...]:
+  """The factor sets of a ``longrope`` config, by increasing length: its ``factor_sets``, or for a short/long config
+  ``(L, short_factor)`` and ``(None, long_factor)``, both with the config's ``n_hat`` and attention scale."""
+  if config.rope_type != "longrope":
+    raise ValueError(f"longrope_sets needs a 'longrope' config, got rope_type {config.rope_type!r}")
+  if config.factor_sets is not None:
+    return config.factor_sets
+  scale = attention_scale(config)
+  return (FactorSet(config.original_max_position_embeddings, config.short_factor, scale, config.n_hat),
+          FactorSet(None, config.long_factor, scale, config.n_hat))
+
+
+def longrope_set_index(config: RopeConfig, seq_len):
+  """Index of the factor set serving current length ``seq_len``: the first whose ``max_length >= seq_len``, else
+  the last. A python int for an int ``seq_len``; an int32 array (one per entry) for a traced or array one."""
+  bounds = [s.max_length for s in longrope_sets(config)[:-1]]
+  static = _static_int(seq_len) if np.ndim(seq_len) == 0 else None
+  if static is not None:
+    return sum(static > bound for bound in bounds)
+  seq_len = jnp.asarray(seq_len, jnp.int32)
+  if not bounds:
+    return jnp.zeros(seq_len.shape, jnp.int32)
+  return jnp.sum(seq_len[..., None] > jnp.asarray(bounds, jnp.int32), axis=-1).astype(jnp.int32)
+
+
 def inverse_frequencies(config: RopeConfig, rotary_dim: int, seq_len: int | None = None) -> np.ndarray:
   """Float64 inverse frequencies ``F = rotary_dim/2`` of ``config`` at current length ``seq_len`` (host int).
 
@@ -357,14 +471,18 @@ def inverse_frequencies(config: RopeConfig, rotary_dim: int, seq_len: int | None
   if kind == "llama3":
     return llama3_inverse_frequencies(config, rotary_dim)
   if kind == "longrope":
-    long = seq_len is not None and longrope_is_long(config, seq_len)
-    factors = config.long_factor if long else config.short_factor
-    return longrope_inverse_frequencies(rotary_dim, theta, factors)
+    sets = longrope_sets(config)
+    chosen = sets[longrope_set_index(config, config.original_max_position_embeddings if seq_len is None else seq_len)]
+    return longrope_inverse_frequencies(rotary_dim, theta, chosen.factors)
   raise AssertionError(kind)
 
 
-def attention_scale(config: RopeConfig) -> float:
-  """The factor multiplying cos and sin (the same at every length)."""
+def attention_scale(config: RopeConfig, seq_len: int | None = None) -> float:
+  """The factor multiplying cos and sin at current length ``seq_len`` (None: ``L``). Only LongRoPE's
+  ``factor_sets`` make it depend on the length (each set has its own); for every other config it is constant."""
+  if config.rope_type == "longrope" and config.factor_sets is not None:
+    length = config.original_max_position_embeddings if seq_len is None else seq_len
+    return config.factor_sets[longrope_set_index(config, int(length))].attention_factor
   s = config.factor
   if config.rope_type == "yarn":
     if config.attention_factor is not None:
@@ -379,7 +497,7 @@ def attention_scale(config: RopeConfig) -> float:
   if config.rope_type == "longrope":
     if config.attention_factor is not None:
       return config.attention_factor
-    return 1.0 if s <= 1 else math.sqrt(1 + math.log(s) / math.log(config.original_max_position_embeddings))
+    return longrope_attention_factor(s, config.original_max_position_embeddings)
   return 1.0
 
 
@@ -400,10 +518,13 @@ def _check_rotary_dim(config: RopeConfig, rotary_dim: int, origin: str):
   if rotary_dim < 2 or rotary_dim % 2:
     raise ValueError(f"rotary_dim must be a positive even number, got {rotary_dim}")
   if config.rope_type == "longrope":
-    for name in ("short_factor", "long_factor"):
-      if len(getattr(config, name)) != rotary_dim // 2:
+    named = ([(f"factor_sets[{k}].factors", s.factors) for k, s in enumerate(config.factor_sets)]
+             if config.factor_sets is not None else
+             [("short_factor", config.short_factor), ("long_factor", config.long_factor)])
+    for name, factors in named:
+      if len(factors) != rotary_dim // 2:
         raise ValueError(
-            f"RopeConfig.{name}: has {len(getattr(config, name))} entries but rotary dim {rotary_dim} ({origin}) "
+            f"RopeConfig.{name}: has {len(factors)} entries but rotary dim {rotary_dim} ({origin}) "
             f"needs {rotary_dim // 2}, one per rotary pair"
         )
   if config.rope_type in ("ntk", "dynamic") and rotary_dim <= 2:
@@ -413,7 +534,7 @@ def _check_rotary_dim(config: RopeConfig, rotary_dim: int, origin: str):
 def rope_tables(config: RopeConfig, rotary_dim: int, seq_len: int | None = None) -> tuple[np.ndarray, float]:
   """``(inv_freq_F, attention_scale)`` of ``config`` at current length ``seq_len``, float64 on the host."""
   _check_rotary_dim(config, rotary_dim, "as given")
-  return inverse_frequencies(config, rotary_dim, seq_len), attention_scale(config)
+  return inverse_frequencies(config, rotary_dim, seq_len), attention_scale(config, seq_len)
 
 
 # --- Exact phases -------------------------------------------------------------------------------------------
@@ -533,6 +654,9 @@ def traced_longrope_factors(config: RopeConfig, *, short_factor=None, long_facto
   """
   if config.rope_type != "longrope":
     raise ValueError(f"traced_longrope_factors needs a 'longrope' config, got rope_type {config.rope_type!r}")
+  if config.factor_sets is not None:
+    raise ValueError("traced_longrope_factors needs a short/long config, not factor_sets: a search scores one length, "
+                     "which one set serves; search that set as the short or long factor of a two-set config")
   override = _LongRopeOverride(config, short_factor, long_factor, n_hat)
   token = _LONGROPE_OVERRIDES.set(_LONGROPE_OVERRIDES.get() + (override,))
   try:
@@ -548,10 +672,16 @@ def _active_longrope_override(config: RopeConfig):
   return None
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_set_tables(config: RopeConfig, rotary_dim: int, index: int):
+  factors = longrope_sets(config)[index].factors
+  return _host_phase_tables(longrope_inverse_frequencies(rotary_dim, config.rope_theta, factors))
+
+
 def _overridden_longrope_tables(config: RopeConfig, rotary_dim: int, override: _LongRopeOverride, long: bool):
   factors = override.long_factor if long else override.short_factor
   if factors is None:
-    return _cached_phase_tables(config, rotary_dim, config.original_max_position_embeddings + 1 if long else None)
+    return _cached_set_tables(config, rotary_dim, int(long))
   factors = jnp.asarray(factors, jnp.float32)
   if factors.shape != (rotary_dim // 2,):
     raise ValueError(f"traced_longrope_factors: {'long' if long else 'short'}_factor has shape {factors.shape}, "
@@ -577,18 +707,23 @@ def rotation_turns(positions_BxT, config: RopeConfig, rotary_dim: int, *, seq_le
       tables = _select_tables(jnp.asarray(seq_len) > length, _dynamic_device_tables(config, rotary_dim, seq_len),
                               _cached_phase_tables(config, rotary_dim, None))
     return _phase_turns(positions, *tables)
-  # longrope: one table per regime, selected with jnp.where so a traced length works.
+  # longrope: one table per factor set, indexed by the set serving the length, so a traced length works.
+  sets = longrope_sets(config)
   override = _active_longrope_override(config)
   if override is None:
-    regime_tables = lambda long: _cached_phase_tables(config, rotary_dim, length + 1 if long else None)
-    n_hat = config.n_hat
+    set_tables = lambda index: _cached_set_tables(config, rotary_dim, index)
+    n_hats = [s.n_hat for s in sets]
   else:
-    regime_tables = lambda long: _overridden_longrope_tables(config, rotary_dim, override, long)
-    n_hat = config.n_hat if override.n_hat is None else override.n_hat
+    set_tables = lambda index: _overridden_longrope_tables(config, rotary_dim, override, index == 1)
+    n_hats = [config.n_hat if override.n_hat is None else override.n_hat] * len(sets)
+  index = longrope_set_index(config, seq_len if static_len is None else static_len)
   if static_len is not None:
-    tables = regime_tables(static_len > length)
+    tables, n_hat = set_tables(index), n_hats[index]
   else:
-    tables = _select_tables(jnp.asarray(seq_len) > length, regime_tables(True), regime_tables(False))
+    every = [set_tables(k) for k in range(len(sets))]
+    tables = tuple(jnp.stack([jnp.asarray(t[part]) for t in every])[index] for part in range(2))
+    n_hat = n_hats[0] if all(isinstance(n, int) and n == n_hats[0] for n in n_hats) else (
+        jnp.stack([jnp.asarray(n, jnp.int32) for n in n_hats])[index])
   turns = _phase_turns(positions, *tables)
   if not (isinstance(n_hat, int) and n_hat == 0):  # a traced n_hat always takes the select
     unscaled = _phase_turns(positions, *_cached_phase_tables(config, rotary_dim, None, unscaled=True))
@@ -596,16 +731,29 @@ def rotation_turns(positions_BxT, config: RopeConfig, rotary_dim: int, *, seq_le
   return turns
 
 
+def _attention_scale_at(config: RopeConfig, seq_len):
+  """``attention_scale`` at a length that may be traced (then a float32 scalar when the sets' scales differ)."""
+  if config.rope_type != "longrope" or config.factor_sets is None:
+    return attention_scale(config)
+  scales = [s.attention_factor for s in config.factor_sets]
+  if len(set(scales)) == 1:
+    return scales[0]
+  static_len = _static_int(seq_len)
+  if static_len is not None:
+    return scales[longrope_set_index(config, static_len)]
+  return jnp.asarray(scales, jnp.float32)[longrope_set_index(config, seq_len)]
+
+
 def rotation_regime(config: RopeConfig, seq_len):
   """int32 id such that equal ids at two lengths => identical rotation of every position (see KV caches above).
 
-  0 for length-independent methods; LongRoPE: 0 (short factors) or 1 (long); dynamic NTK: 0 up to ``L``, then the
-  length itself. Works with a traced ``seq_len``.
+  0 for length-independent methods; LongRoPE: the index of the factor set serving the length (short/long: 0 or
+  1); dynamic NTK: 0 up to ``L``, then the length itself. Works with a traced ``seq_len``.
   """
+  if config.rope_type == "longrope":
+    return jnp.asarray(longrope_set_index(config, jnp.asarray(seq_len, jnp.int32)), jnp.int32)
   seq_len = jnp.asarray(seq_len, jnp.int32)
   length = config.original_max_position_embeddings
-  if config.rope_type == "longrope":
-    return (seq_len > length).astype(jnp.int32)
   if config.rope_type == "dynamic":
     return jnp.where(seq_len > length, seq_len, 0).astype(jnp.int32)
   return jnp.zeros((), jnp.int32)
@@ -668,21 +816,24 @@ def rotate(x_BxTxHxK, positions_BxT, config: RopeConfig, *, seq_len=None):
   ``longrope``; ``None`` means ``max(positions) + 1``.
   """
   rotary_dim = rotary_dim_for(config, x_BxTxHxK.shape[-1])
+  if config.length_dependent and seq_len is None:
+    seq_len = jnp.max(jnp.asarray(positions_BxT)) + 1
   turns = rotation_turns(positions_BxT, config, rotary_dim, seq_len=seq_len)
-  return _rotate_by_turns(x_BxTxHxK, turns, attention_scale(config))
+  return _rotate_by_turns(x_BxTxHxK, turns, _attention_scale_at(config, seq_len))
 
 
 def rerotate(x_rotated_BxTxHxK, positions_BxT, config: RopeConfig, *, from_seq_len, to_seq_len):
   """Maps keys rotated with ``seq_len=from_seq_len`` onto the rotation ``rotate`` uses at ``to_seq_len``.
 
-  For a cache whose ``rotation_regime`` changed (see the module docstring). The attention scale is
-  length-independent, so only the angle changes; both lengths may be traced.
+  For a cache whose ``rotation_regime`` changed (see the module docstring): the angle changes, and the scale too
+  where LongRoPE factor sets of different ``attention_factor`` serve the two lengths; both lengths may be traced.
   """
   rotary_dim = rotary_dim_for(config, x_rotated_BxTxHxK.shape[-1])
   old = rotation_turns(positions_BxT, config, rotary_dim, seq_len=from_seq_len)
   new = rotation_turns(positions_BxT, config, rotary_dim, seq_len=to_seq_len)
   delta = new - old
-  return _rotate_by_turns(x_rotated_BxTxHxK, delta - jnp.round(delta), 1.0)
+  ratio = _attention_scale_at(config, to_seq_len) / _attention_scale_at(config, from_seq_len)
+  return _rotate_by_turns(x_rotated_BxTxHxK, delta - jnp.round(delta), ratio)
 
 
 # --- Per-pair rescale factors and model configs -------------------------------------------------------------
