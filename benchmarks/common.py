@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import json
+import subprocess
 import time
 
 
@@ -80,3 +82,40 @@ def write_section(path: str, title: str, body: str):
     text = text[:start] + section + (text[end + 1:] if end != -1 else "")
   with open(path, "w") as f:
     f.write(text.rstrip() + "\n")
+
+
+class LineWorker:
+  """A benchmark worker in its own process, spoken to in JSON lines: it prints ``{"ready": meta}`` once, then
+  answers one line per command; ``{"cmd": "quit"}`` ends it. Its stderr goes to ``log_path``."""
+
+  def __init__(self, name: str, command: list[str], log_path: str, env: dict, *, quit_timeout: float = 60):
+    self.name = name
+    self.log = open(log_path, "w")
+    self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                 env=env)
+    self.meta = None
+    self.quit_timeout = quit_timeout
+
+  def wait_ready(self):
+    line = self.proc.stdout.readline()
+    if not line:
+      raise SystemExit(f"{self.name} worker failed to start; see {self.log.name}")
+    self.meta = json.loads(line)["ready"]
+
+  def ask(self, command: dict) -> dict:
+    self.proc.stdin.write(json.dumps(command) + "\n")
+    self.proc.stdin.flush()
+    line = self.proc.stdout.readline()
+    if not line:
+      raise SystemExit(f"{self.name} worker died; see {self.log.name}")
+    return json.loads(line)
+
+  def close(self):
+    try:
+      self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+      self.proc.stdin.flush()
+    except BrokenPipeError:
+      pass
+    self.proc.wait(timeout=self.quit_timeout)
+    self.log.close()
+

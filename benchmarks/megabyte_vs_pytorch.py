@@ -34,13 +34,12 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import DEFAULT_CORPUS  # noqa: E402  (no jax: peer workers import it too)
+from common import DEFAULT_CORPUS, LineWorker  # noqa: E402  (no jax: peer workers import it too)
 RESULTS = os.path.join(HERE, "RESULTS_megabyte.md")
 DEFAULT_PEER_PYTHON = "/tmp/bytescale-peer-venv/bin/python"
 DIMS, DEPTHS, HEADS, DIM_HEAD, PATCH, PATCHES, BATCH = (512, 256), (6, 4), 8, 64, 8, 128, 4
@@ -198,42 +197,15 @@ def run_worker(kind: str, args):
 
 # --- Driver ------------------------------------------------------------------------------------------------
 
-class WorkerProcess:
+class WorkerProcess(LineWorker):
   def __init__(self, name, python, args, log_path):
-    self.name = name
-    self.log = open(log_path, "w")
     command = [python, os.path.abspath(__file__), "--worker", "jax" if name == "bytescale" else "torch",
                "--data", args.data, "--peer-generate-bytes", str(args.peer_generate_bytes)]
     env = dict(os.environ)
     if name == "bytescale":
       env.setdefault("JAX_PLATFORMS", "cpu")
-    self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                 env=env)
-    self.meta = None
+    super().__init__(name, command, log_path, env)
     self.step_seconds, self.generate_rates, self.loss = [], [], None
-
-  def wait_ready(self):
-    line = self.proc.stdout.readline()
-    if not line:
-      raise SystemExit(f"{self.name} worker failed to start; see {self.log.name}")
-    self.meta = json.loads(line)["ready"]
-
-  def ask(self, command: dict) -> dict:
-    self.proc.stdin.write(json.dumps(command) + "\n")
-    self.proc.stdin.flush()
-    line = self.proc.stdout.readline()
-    if not line:
-      raise SystemExit(f"{self.name} worker died; see {self.log.name}")
-    return json.loads(line)
-
-  def close(self):
-    try:
-      self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-      self.proc.stdin.flush()
-    except BrokenPipeError:
-      pass
-    self.proc.wait(timeout=60)
-    self.log.close()
 
 
 def machine_line() -> str:

@@ -44,13 +44,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import DEFAULT_CORPUS, cpu_description  # noqa: E402  (no jax here: peer workers import this file)
+from common import DEFAULT_CORPUS, LineWorker, cpu_description  # noqa: E402  (no jax here: peer workers import this file)
 
 RESULTS = os.path.join(HERE, "RESULTS_vs_pytorch.md")
 DEFAULT_PEER_PYTHON = "/tmp/bytescale-peer-venv/bin/python"
@@ -462,10 +461,8 @@ def run_worker(side: str, model_name: str, args):
 
 # --- Driver ----------------------------------------------------------------------------------------------------
 
-class WorkerProcess:
+class WorkerProcess(LineWorker):
   def __init__(self, model_name, side, python, args):
-    self.name = "bytescale" if side == "jax" else PEERS[model_name]
-    self.log = open(f"/tmp/vs_pytorch.{model_name}.{side}.log", "w")
     command = [python, os.path.abspath(__file__), "--worker", side, "--models", model_name, "--data", args.data,
                "--seq-lens", ",".join(map(str, args.seq_lens)),
                "--generate-batches", ",".join(map(str, args.generate_batches)),
@@ -473,34 +470,10 @@ class WorkerProcess:
     env = dict(os.environ)
     if side == "jax":
       env.setdefault("JAX_PLATFORMS", "cpu")
-    self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                 env=env)
-    self.meta = None
+    super().__init__("bytescale" if side == "jax" else PEERS[model_name], command,
+                     f"/tmp/vs_pytorch.{model_name}.{side}.log", env, quit_timeout=120)
     self.steps = {}  # seq_len -> [seconds]
     self.rows, self.losses, self.patches, self.generation = {}, {}, {}, {}
-
-  def wait_ready(self):
-    line = self.proc.stdout.readline()
-    if not line:
-      raise SystemExit(f"{self.name} worker failed to start; see {self.log.name}")
-    self.meta = json.loads(line)["ready"]
-
-  def ask(self, command: dict) -> dict:
-    self.proc.stdin.write(json.dumps(command) + "\n")
-    self.proc.stdin.flush()
-    line = self.proc.stdout.readline()
-    if not line:
-      raise SystemExit(f"{self.name} worker died; see {self.log.name}")
-    return json.loads(line)
-
-  def close(self):
-    try:
-      self.proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
-      self.proc.stdin.flush()
-    except BrokenPipeError:
-      pass
-    self.proc.wait(timeout=120)
-    self.log.close()
 
 
 class Progress:
