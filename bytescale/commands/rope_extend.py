@@ -9,7 +9,7 @@ import os
 import time
 
 from bytescale import configs
-from bytescale.commands.rope_search import add_search_arguments, search_config
+from bytescale.commands.rope_search import add_held_out_data_arguments, add_search_arguments, search_config
 from bytescale.data.pipeline import ByteCorpus, DataConfig
 from bytescale.data.sources import load_documents
 from bytescale.rope_search import ExtensionStage, progressive_extension
@@ -45,9 +45,7 @@ def add_command(subparsers):
   p.add_argument("--windows", type=int, default=8, help="held-out windows of the last stage's length scored per "
                  "candidate; shorter searches score as many bytes (default 8)")
   p.add_argument("--eval-batch-size", type=int, default=4, help="windows per scoring forward pass (default 4)")
-  p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share at the end of the data")
-  p.add_argument("--max-data-bytes", type=int, default=None, help="read at most this many corpus bytes")
-  p.add_argument("--tfds-data-dir", default=None, help="data_dir for tfds: sources")
+  add_held_out_data_arguments(p)
   p.add_argument("--out", required=True, help="new directory: stage_<length>/ fine-tune runs and rope_scaling.json")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   return "rope-extend", cmd_rope_extend

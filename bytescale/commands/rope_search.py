@@ -38,12 +38,17 @@ def add_command(subparsers):
                  "sqrt(1 + ln s / ln L))")
   p.add_argument("--windows", type=int, default=8, help="held-out windows scored per candidate")
   p.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default 4)")
-  p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share at the end of the data")
-  p.add_argument("--max-data-bytes", type=int, default=None, help="read at most this many corpus bytes")
-  p.add_argument("--tfds-data-dir", default=None, help="data_dir for tfds: sources")
+  add_held_out_data_arguments(p)
   p.add_argument("--out", default=None, help="output JSON (default <ckpt>/rope_search/longrope_<target>.json)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   return "rope-search", cmd_rope_search
+
+
+def add_held_out_data_arguments(p):
+  """The data flags of the rope commands: the corpus' held-out tail scores the candidates."""
+  p.add_argument("--val-fraction", type=float, default=0.1, help="held-out share at the end of the data")
+  p.add_argument("--max-data-bytes", type=int, default=None, help="read at most this many corpus bytes")
+  p.add_argument("--tfds-data-dir", default=None, help="data_dir for tfds: sources")
 
 
 def add_search_arguments(p):
