@@ -115,9 +115,9 @@ def build_parser():
   _add_eval(sub)
   _add_generate(sub)
   # The other subcommands (bytescale/commands/): each module defines add_command(subparsers) -> (name, handler).
-  from bytescale.commands import entropy_threshold, flops, rope_extend, rope_search
+  from bytescale.commands import convert, entropy_threshold, flops, rope_extend, rope_search
 
-  for module in (flops, rope_search, rope_extend, entropy_threshold):
+  for module in (flops, rope_search, rope_extend, entropy_threshold, convert):
     name, handler = module.add_command(sub)
     COMMANDS[name] = handler
   return parser

@@ -4,6 +4,8 @@ Every patcher decides, per byte, whether it OPENS a patch ("start"). The rules, 
 ``p`` within its document (``p = 0`` at the document's first byte):
 
 * always: ``p == 0`` (row start and every document start) opens a patch;
+* ``bos_patch``: ``p == 1`` opens a patch too, so a document's first byte (its BOS) is a patch of its own, as
+  in the BLT reference and Hugging Face's ``BltForCausalLM`` (their patchers open patches at positions 0 and 1);
 * ``strided(P)``: ``p % P == 0``;
 * ``space`` (SpaceByte): byte ``t-1`` ENDS a patch, where byte ``u`` ends a patch iff it is special (an id
   >= 256: BOS, EOS, ...) or it is spacelike (not an ASCII letter or digit, not a UTF-8 continuation byte
@@ -58,6 +60,8 @@ class Patches:
   lengths_BxM: jax.Array  # int32: bytes per patch; 0 for unused slots
   valid_BxM: jax.Array  # bool: the slot holds a patch
   overflow_bytes_B: jax.Array  # int32: bytes merged into the last slot because the row had > M patches
+  # bool: the byte after the row's last one (same document) would open a patch; None when not computed
+  next_start_B: jax.Array | None = None
 
   @property
   def max_patches(self) -> int:
@@ -80,9 +84,11 @@ class PatchingConfig:
   max_patches_ratio: float = 1.0  # max_patches = ceil(ratio * row length); 1.0 never overflows
   entropy_context: int | None = None  # bytes per entropy-model window (None = the entropy model's max_seq_len)
   entropy_overlap: int | None = None  # bytes each window overlaps the previous one (None = half the context)
+  bos_patch: bool = False  # a document's first byte (BOS) is a patch of its own (the BLT reference's rule)
 
   def __post_init__(self):
     name = "PatchingConfig"
+    check(isinstance(self.bos_patch, bool), name, "bos_patch", f"must be true or false, got {self.bos_patch!r}")
     check(self.patcher in PATCHERS, name, "patcher", f"must be one of {PATCHERS}, got {self.patcher!r}")
     check(isinstance(self.stride, int) and self.stride > 0, name, "stride",
           f"must be a positive integer, got {self.stride!r}")
@@ -159,6 +165,8 @@ def rule_starts(config: PatchingConfig, ids_BxT, segment_ids_BxT, entropies_BxT=
       rule &= (pos_BxT >= 1) & (h_prev > config.threshold)
     if config.monotonic_threshold is not None:
       rule &= (pos_BxT >= 2) & (h_prev - _shift_right(h, 2, 0.0) > config.monotonic_threshold)
+  if config.bos_patch:
+    doc_start |= pos_BxT == 1
   return (doc_start | rule) & real_BxT
 
 
@@ -214,9 +222,15 @@ def patch(
   max_patches = config.max_patches(t) if max_patches is None else max_patches
   if max_patches < 1:
     raise ValueError(f"max_patches must be >= 1, got {max_patches}")
-  starts = rule_starts(config, ids_BxT, segment_ids_BxT, entropies_BxT)
-  starts = split_long_patches(starts, segment_ids_BxT != 0, config.max_patch_length)
-  return patches_from_starts(starts, segment_ids_BxT, max_patches)
+  # One position past the row, continuing its last document: its start flag (known from what precedes it) is
+  # ``next_start_B``; the patches themselves cover the row only.
+  next_segment = jnp.where(segment_ids_BxT[:, -1:] != 0, segment_ids_BxT[:, -1:], 1)
+  extend = lambda x, fill: jnp.concatenate([x, jnp.full_like(x[:, :1], fill)], axis=1)  # noqa: E731
+  starts = rule_starts(config, extend(ids_BxT, 0), jnp.concatenate([segment_ids_BxT, next_segment], axis=1),
+                       None if entropies_BxT is None else extend(entropies_BxT, 0.0))
+  starts = split_long_patches(starts, extend(segment_ids_BxT != 0, True), config.max_patch_length)
+  patches = patches_from_starts(starts[:, :t], segment_ids_BxT, max_patches)
+  return patches.replace(next_start_B=starts[:, t])
 
 
 def next_byte_opens_patch(config: PatchingConfig, ids_BxT, segment_ids_BxT=None, *, entropies_BxT=None):

@@ -7,7 +7,7 @@ Layers, bottom to top (docs/ARCHITECTURE.md draws the same picture):
   1  configs, data/*, parallel        validated configs, data pipeline, the logical-axis table; evals' task generators
   2  nn/*, patching, entropy, flops   thin NNX layers, patchers, FLOP arithmetic
   3  models/*                         the models, their presets and FLOP counters, the registry table
-  4  train/*, generate, speculative, interop, rope_search, evals.scoring, evals.suites
+  4  train/*, generate, speculative, interop, convert, rope_search, evals.scoring, evals.suites
   5  cli, commands/*                  command-line code
 
 Edges are read from the source with ``ast`` (nothing is imported), so a lazy import inside a function counts
@@ -32,6 +32,7 @@ LAYERS = (
     ("bytescale.nn", "bytescale.nn.*", "bytescale.patching", "bytescale.entropy", "bytescale.flops"),
     ("bytescale.models", "bytescale.models.*"),
     ("bytescale.train", "bytescale.train.*", "bytescale.generate", "bytescale.speculative", "bytescale.interop",
+     "bytescale.convert",
      "bytescale.rope_search", "bytescale.evals.scoring", "bytescale.evals.suites"),
     ("bytescale.cli", "bytescale.commands", "bytescale.commands.*"),
 )

@@ -37,6 +37,7 @@ from bytescale.models import bytelm
 from bytescale.models.base import ModelOutput, check_inputs
 from bytescale.models.bytelm import ByteLM
 from bytescale.nn import Embedding, KVCache, RMSNorm, TransformerStack
+from bytescale.nn.transformer import scan_blocks
 from bytescale.nn.layers import param, scaled_normal, unembed
 from bytescale.ops import attention as attention_ops
 from bytescale.ops import hashing, rope
@@ -69,9 +70,20 @@ def float32_config(config: ByteLMConfig) -> ByteLMConfig:
 
 # --- Config -----------------------------------------------------------------------------------------------
 
+HASH_FUNCTIONS = ("bytescale", "reference")
+HASH_EMBEDDING_SUMS = ("scaled", "plain")
+CROSS_RESIDUALS = ("single", "double")
+DECODER_CONTEXTS = ("previous_patch", "completed_patch")
+
+
 @dataclasses.dataclass(frozen=True)
 class BLTConfig:
-  """Widths: ``encoder.d_model`` (h_E), ``global_stack.d_model`` (h_G), ``decoder.d_model`` (h_D)."""
+  """Widths: ``encoder.d_model`` (h_E), ``global_stack.d_model`` (h_G), ``decoder.d_model`` (h_D).
+
+  The fields after ``entropy_model_config`` choose between bytescale's own BLT (the defaults) and the architecture
+  of the BLT reference code / Hugging Face's ``BltForCausalLM`` (``reference_options()``); docs/blt.md lists
+  every difference with the reason for our default.
+  """
 
   encoder: TransformerConfig = dataclasses.field(default_factory=lambda: TransformerConfig(num_layers=1, window=64))
   global_stack: TransformerConfig = dataclasses.field(default_factory=TransformerConfig)
@@ -86,6 +98,26 @@ class BLTConfig:
   # so a saved BLT rebuilds even when the directory is gone (the weights are in the BLT's own checkpoint).
   entropy_model: str | None = None
   entropy_model_config: ByteLMConfig | None = None
+  # "bytescale": FNV-like 32-bit hash + fmix32 of our ids (``ops.hashing.ngram_buckets``); "reference": the
+  # reference's polynomial rolling hash of the reference ids, ``hash_functions`` primes (``reference_ngram_buckets``).
+  hash_function: str = "bytescale"
+  hash_functions: int = 1
+  # Byte + hash embeddings: "scaled" by (1 + #tables) ** -0.5 (unit variance) or "plain" sum (the reference).
+  hash_embedding_sum: str = "scaled"
+  # Cross-attention in every encoder / decoder layer (the reference's cross_attn_all_layers), else once: after
+  # the encoder's last layer, before the decoder's first.
+  encoder_cross_every_layer: bool = False
+  decoder_cross_every_layer: bool = False
+  # "double": the reference's cross-attention returns ``x + attention`` and its caller adds ``x`` again.
+  cross_residual: str = "single"
+  # Which patch a byte's decoder reads: "previous_patch", the global output of the patch before its own (the
+  # first patch of a document reads learned BOS slots); "completed_patch", the last patch complete once the byte
+  # is seen (its own when it closes it), the reference's rule, which needs ``patching.bos_patch``.
+  decoder_context: str = "previous_patch"
+  # Learned projections where the reference uses the identity: encoder queries -> global width (the reference
+  # projects only when k * h_E != h_G) and encoder states -> decoder width (the reference needs h_E == h_D).
+  project_global_input: bool = True
+  project_decoder_input: bool = True
 
   def __post_init__(self):
     name = "BLTConfig"
@@ -101,25 +133,68 @@ class BLTConfig:
           f"{self.entropy_model!r}")
     check(self.entropy_model_config is None or isinstance(self.entropy_model_config, ByteLMConfig), name,
           "entropy_model_config", f"must be None or a ByteLMConfig, got {type(self.entropy_model_config).__name__}")
+    check(self.hash_function in HASH_FUNCTIONS, name, "hash_function",
+          f"must be one of {HASH_FUNCTIONS}, got {self.hash_function!r}")
+    check(isinstance(self.hash_functions, int) and self.hash_functions >= 1, name, "hash_functions",
+          f"must be an integer >= 1, got {self.hash_functions!r}")
+    check(self.hash_functions == 1 or self.hash_function == "reference", name, "hash_functions",
+          f"several hash functions ({self.hash_functions}) need hash_function='reference'")
+    check(self.hash_embedding_sum in HASH_EMBEDDING_SUMS, name, "hash_embedding_sum",
+          f"must be one of {HASH_EMBEDDING_SUMS}, got {self.hash_embedding_sum!r}")
+    for flag in ("encoder_cross_every_layer", "decoder_cross_every_layer", "project_global_input",
+                 "project_decoder_input"):
+      check(isinstance(getattr(self, flag), bool), name, flag, f"must be true or false, got {getattr(self, flag)!r}")
+    check(self.cross_residual in CROSS_RESIDUALS, name, "cross_residual",
+          f"must be one of {CROSS_RESIDUALS}, got {self.cross_residual!r}")
+    check(self.decoder_context in DECODER_CONTEXTS, name, "decoder_context",
+          f"must be one of {DECODER_CONTEXTS}, got {self.decoder_context!r}")
+    check(self.decoder_context != "completed_patch" or self.patching.bos_patch, name, "decoder_context",
+          "'completed_patch' needs patching.bos_patch=True (else a document's first byte would read the previous "
+          "document's patch); set patching.bos_patch or use 'previous_patch'")
+    q, d_e = self.queries_per_patch, self.encoder.d_model
+    check(self.project_global_input or q * d_e == self.global_stack.d_model, name, "project_global_input",
+          f"false needs queries_per_patch * encoder.d_model ({q} * {d_e}) == global_stack.d_model "
+          f"({self.global_stack.d_model}); set it true")
+    check(self.project_decoder_input or d_e == self.decoder.d_model, name, "project_decoder_input",
+          f"false needs encoder.d_model ({d_e}) == decoder.d_model ({self.decoder.d_model}); set it true")
+    check(not (self.decoder_cross_every_layer and self.decoder.rope.length_dependent), name,
+          "decoder_cross_every_layer", "is not supported with a length-dependent decoder rope "
+          f"({self.decoder.rope.rope_type}); use cross-attention before the first layer only")
+
+  @property
+  def num_hash_tables(self) -> int:
+    return self.hash_functions * len(self.hash_ngrams)
+
+
+def reference_options(config: BLTConfig) -> BLTConfig:
+  """``config`` with every option set the way the BLT reference / ``BltForCausalLM`` computes (docs/blt.md)."""
+  q, d_e = config.queries_per_patch, config.encoder.d_model
+  return dataclasses.replace(
+      config, patching=dataclasses.replace(config.patching, bos_patch=True), hash_function="reference",
+      hash_embedding_sum="plain", decoder_cross_every_layer=True, cross_residual="double",
+      decoder_context="completed_patch", project_global_input=q * d_e != config.global_stack.d_model,
+      project_decoder_input=False)
 
 
 # --- Layers -----------------------------------------------------------------------------------------------
 
 class CrossAttention(nnx.Module):
-  """Pre-norm multi-head cross-attention (no RoPE: patch queries have no byte position); callers add it."""
+  """Pre-norm multi-head cross-attention with grouped key/value heads; no RoPE (patch queries have no byte
+  position). ``residual`` adds the query input once ("single") or twice ("double", the reference's)."""
 
-  def __init__(self, d_model: int, num_heads: int, head_dim: int, *, norm_eps: float, dtype, impl: str,
-               rngs: nnx.Rngs):
+  def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int, *, norm_eps: float, dtype,
+               impl: str, residual: str = "single", rngs: nnx.Rngs):
     self.dtype = jnp.dtype(dtype)
     self.impl = impl
+    self.residual = residual
     self.q_norm = RMSNorm(d_model, eps=norm_eps, rngs=rngs)
     self.kv_norm = RMSNorm(d_model, eps=norm_eps, rngs=rngs)
-    shape, names = (d_model, num_heads, head_dim), ("embed", "heads", "head_dim")
-    self.wq = param(rngs, scaled_normal(d_model), shape, names)
-    self.wk = param(rngs, scaled_normal(d_model), shape, names)
-    self.wv = param(rngs, scaled_normal(d_model), shape, names)
+    self.wq = param(rngs, scaled_normal(d_model), (d_model, num_heads, head_dim), ("embed", "heads", "head_dim"))
+    kv_shape, kv_names = (d_model, num_kv_heads, head_dim), ("embed", "kv_heads", "head_dim")
+    self.wk = param(rngs, scaled_normal(d_model), kv_shape, kv_names)
+    self.wv = param(rngs, scaled_normal(d_model), kv_shape, kv_names)
     self.wo = param(rngs, scaled_normal(num_heads * head_dim), (num_heads, head_dim, d_model),
-                          ("heads", "head_dim", "embed"))
+                    ("heads", "head_dim", "embed"))
 
   def queries(self, x_BxTxD):
     x = self.q_norm(x_BxTxD).astype(self.dtype)
@@ -127,19 +202,60 @@ class CrossAttention(nnx.Module):
 
   def keys_values(self, x_BxSxD):
     x = self.kv_norm(x_BxSxD).astype(self.dtype)
-    k = jnp.einsum("...d,dhk->...hk", x, self.wk[...].astype(self.dtype))
-    v = jnp.einsum("...d,dhk->...hk", x, self.wv[...].astype(self.dtype))
+    k = jnp.einsum("...d,dgk->...gk", x, self.wk[...].astype(self.dtype))
+    v = jnp.einsum("...d,dgk->...gk", x, self.wv[...].astype(self.dtype))
     return k, v
 
   def output(self, out_BxTxHxK):
     return jnp.einsum("...hk,hkd->...d", out_BxTxHxK, self.wo[...].astype(self.dtype))
 
-  def attend(self, q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask: AttentionMask | None = None):
+  def add_residual(self, x, out_BxTxHxK):
+    """``x`` (once or twice) plus the output projection of the attention result."""
+    x = x + x if self.residual == "double" else x
+    return x + self.output(out_BxTxHxK).astype(x.dtype)
+
+  def attend(self, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask: AttentionMask | None = None):
     """Attention through the one dispatch (``impl``); no mask: every query sees every key."""
     if mask is None:
       zeros = lambda n: jnp.zeros((q_BxTxHxK.shape[0], n), jnp.int32)  # noqa: E731
-      mask = AttentionMask(zeros(q_BxTxHxK.shape[1]), zeros(k_BxSxHxK.shape[1]), causal=False)
-    return attention_ops.attention(q_BxTxHxK, k_BxSxHxK, v_BxSxHxK, mask, impl=self.impl)
+      mask = AttentionMask(zeros(q_BxTxHxK.shape[1]), zeros(k_BxSxGxK.shape[1]), causal=False)
+    return attention_ops.attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, impl=self.impl)
+
+  def attend_own_slots(self, x_BxTxD, slots_BxSxQxD, slot_index_BxT):
+    """Each byte ``t`` cross-attends to the ``Q`` slot vectors ``slots[slot_index[t]]`` (the decoder's read of
+    a patch); keys and values are computed once per slot, then gathered per byte."""
+    b = x_BxTxD.shape[0]
+    keys, values = self.keys_values(slots_BxSxQxD)
+    q_BxTxHxK = self.queries(x_BxTxD)
+    # One query per byte against its own Q slots: fold bytes into the batch.
+    out_NxHxK = self.attend(
+        einops.rearrange(q_BxTxHxK, "b t h k -> (b t) 1 h k"),
+        einops.rearrange(take_rows(keys, slot_index_BxT), "b t q g k -> (b t) q g k"),
+        einops.rearrange(take_rows(values, slot_index_BxT), "b t q g k -> (b t) q g k"),
+    )
+    return self.add_residual(x_BxTxD, einops.rearrange(out_NxHxK, "(b t) 1 h k -> b t h k", b=b))
+
+
+def cross_attention(stack: TransformerConfig, residual: str, rngs: nnx.Rngs) -> CrossAttention:
+  return CrossAttention(stack.d_model, stack.num_heads, stack.num_kv_heads, stack.head_dim, norm_eps=stack.norm_eps,
+                        dtype=stack.dtype, impl=stack.attention_impl, residual=residual, rngs=rngs)
+
+
+def stacked_cross_attention(stack: TransformerConfig, residual: str, rngs: nnx.Rngs) -> CrossAttention:
+  """One ``CrossAttention`` per layer of ``stack``, parameters stacked on a leading ``layers`` axis."""
+
+  @nnx.split_rngs(splits=stack.num_layers)
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(rngs):
+    return cross_attention(stack, residual, rngs)
+
+  return make(rngs)
+
+
+def layer_of(stacked: nnx.Module, index: int) -> nnx.Module:
+  """Layer ``index`` of a module stacked by ``nnx.vmap`` (a view for computing; updates do not flow back)."""
+  graphdef, state = nnx.split(stacked)
+  return nnx.merge(graphdef, jax.tree.map(lambda a: a[index], state))
 
 
 # --- Cache ------------------------------------------------------------------------------------------------
@@ -152,8 +268,7 @@ class BLTCache:
   bytes_BxS: jax.Array
   entropies_BxS: jax.Array  # float32, H[t] of the entropy model (zeros without entropy patching)
   encoder_states_BxSxD: jax.Array  # local encoder output per byte (pooled when its patch closes)
-  slot_keys_BxMxQxHxK: jax.Array  # decoder cross-attention keys of slot p (the global output of patch p-1)
-  slot_values_BxMxQxHxK: jax.Array
+  slots_BxMxQxD: jax.Array  # decoder slot vectors: slot p holds the global output of patch p-1 (0: BOS slots)
   encoder_cache: KVCache
   global_cache: KVCache  # one slot per patch; only the closed patches' slots are meaningful
   decoder_cache: KVCache
@@ -176,30 +291,41 @@ class BLT(nnx.Module):
     d_e, d_g, d_d, q = c.encoder.d_model, c.global_stack.d_model, c.decoder.d_model, c.queries_per_patch
     self.byte_embed = Embedding(vocab.VOCAB_SIZE, d_e, rngs=rngs)
     if c.hash_ngrams:
-      # One table for all n (rows n_index * buckets + bucket): a single gather, sharded along the buckets.
-      self.hash_table = param(rngs, jax.nn.initializers.normal(1.0), (len(c.hash_ngrams) * c.hash_buckets, d_e),
+      # One table for all (function, n) (rows table_index * buckets + bucket): a single gather, sharded along the
+      # buckets.
+      self.hash_table = param(rngs, jax.nn.initializers.normal(1.0), (c.num_hash_tables * c.hash_buckets, d_e),
                               ("hash_buckets", "embed"))
     else:
       self.hash_table = None
     self.encoder = TransformerStack(c.encoder, rngs=rngs)
     # "embed" never names two axes of one parameter (a mesh axis can shard only one): wide sides are "mlp".
     self.query_init = param(rngs, scaled_normal(d_e), (d_e, q, d_e), ("embed", "cross_queries", "mlp"))
-    self.encoder_cross = self._cross_attention(c.encoder, rngs)
-    self.global_in = param(rngs, scaled_normal(q * d_e), (q, d_e, d_g), ("cross_queries", "mlp", "embed"))
+    if c.encoder_cross_every_layer:
+      self.encoder_cross = stacked_cross_attention(c.encoder, c.cross_residual, rngs)
+    else:
+      self.encoder_cross = cross_attention(c.encoder, c.cross_residual, rngs)
+    if c.project_global_input:
+      self.global_in = param(rngs, scaled_normal(q * d_e), (q, d_e, d_g), ("cross_queries", "mlp", "embed"))
+    else:
+      self.global_in = None
     self.global_stack = TransformerStack(c.global_stack, rngs=rngs)
     self.global_out = param(rngs, scaled_normal(d_g), (d_g, q, d_d), ("embed", "cross_queries", "mlp"))
-    self.bos_slots = param(rngs, jax.nn.initializers.normal(1.0), (q, d_d), ("cross_queries", "embed"))
-    self.byte_to_decoder = param(rngs, scaled_normal(d_e), (d_e, d_d), ("mlp", "embed"))
-    self.decoder_cross = self._cross_attention(c.decoder, rngs)
+    if c.decoder_context == "previous_patch":
+      self.bos_slots = param(rngs, jax.nn.initializers.normal(1.0), (q, d_d), ("cross_queries", "embed"))
+    else:
+      self.bos_slots = None
+    if c.project_decoder_input:
+      self.byte_to_decoder = param(rngs, scaled_normal(d_e), (d_e, d_d), ("mlp", "embed"))
+    else:
+      self.byte_to_decoder = None
+    if c.decoder_cross_every_layer:
+      self.decoder_cross = stacked_cross_attention(c.decoder, c.cross_residual, rngs)
+    else:
+      self.decoder_cross = cross_attention(c.decoder, c.cross_residual, rngs)
     self.decoder = TransformerStack(c.decoder, rngs=rngs)
     self.final_norm = RMSNorm(d_d, eps=c.decoder.norm_eps, rngs=rngs)
     self.unembedding = param(rngs, scaled_normal(d_d), (d_d, vocab.VOCAB_SIZE), ("embed", "vocab"))
     self.entropy_lm = self._entropy_model(entropy_lm, rngs) if c.patching.needs_entropies else None
-
-  @staticmethod
-  def _cross_attention(stack: TransformerConfig, rngs):
-    return CrossAttention(stack.d_model, stack.num_heads, stack.head_dim, norm_eps=stack.norm_eps, dtype=stack.dtype,
-                          impl=stack.attention_impl, rngs=rngs)
 
   def _entropy_model(self, entropy_lm, rngs):
     """The frozen float32 entropy model: ``entropy_lm`` (trained weights, e.g. from
@@ -246,14 +372,28 @@ class BLT(nnx.Module):
   # --- Pieces shared by the forward pass and decoding ---
 
   def embed_bytes(self, bytes_BxT, segment_ids_BxT):
-    """Byte embedding plus the hash n-gram embeddings, scaled to keep unit variance."""
+    """Byte embedding plus the hash n-gram embeddings (``config.hash_embedding_sum``: scaled or plain)."""
     x = self.byte_embed(bytes_BxT)
     c = self.config
     if self.hash_table is not None:
-      buckets_BxTxN = hashing.ngram_buckets(bytes_BxT, segment_ids_BxT, c.hash_ngrams, c.hash_buckets)
-      rows = buckets_BxTxN + jnp.arange(len(c.hash_ngrams), dtype=jnp.int32) * c.hash_buckets
+      if c.hash_function == "reference":
+        reference_ids = jnp.take(jnp.asarray(vocab.reference_id_table(), jnp.int32), bytes_BxT, axis=0)
+        buckets_BxTxN = hashing.reference_ngram_buckets(reference_ids, segment_ids_BxT, c.hash_ngrams, c.hash_buckets,
+                                                        c.hash_functions)
+      else:
+        buckets_BxTxN = hashing.ngram_buckets(bytes_BxT, segment_ids_BxT, c.hash_ngrams, c.hash_buckets)
+      rows = buckets_BxTxN + jnp.arange(c.num_hash_tables, dtype=jnp.int32) * c.hash_buckets
       x = x + jnp.sum(jnp.take(self.hash_table[...], rows, axis=0), axis=2)
-    return (x * (1.0 + len(c.hash_ngrams)) ** -0.5).astype(self.compute_dtype)
+    if c.hash_embedding_sum == "scaled":
+      x = x * (1.0 + c.num_hash_tables) ** -0.5
+    return x.astype(self.compute_dtype)
+
+  def _encoder_cross(self) -> CrossAttention:
+    """The encoder cross-attention that shapes the output. With one per layer, the reference re-pools the patch
+    queries from every layer's byte states and discards the previous layer's result, so only the last one counts."""
+    if self.config.encoder_cross_every_layer:
+      return layer_of(self.encoder_cross, -1)
+    return self.encoder_cross
 
   def encode_patches(self, encoder_states_BxTxD, patch_ids_BxT, valid_BxM):
     """Global-model inputs ``BxMxD`` of the patches ``0..M-1`` (bytes with other ids are ignored)."""
@@ -262,39 +402,67 @@ class BLT(nnx.Module):
     pooled_BxMxE = segment_pool(encoder_states_BxTxD, patch_ids_BxT, k, op="max")
     queries_BxMxQxE = jnp.einsum("bke,eqd->bkqd", pooled_BxMxE, self.query_init[...].astype(dtype))
     # Cross-attention of each patch's queries to its own bytes (the XLA path is O(T), not (M * Q) x T).
-    cross = self.encoder_cross
+    cross = self._encoder_cross()
     keys, values = cross.keys_values(encoder_states_BxTxD)
     q_BxNxHxK = einops.rearrange(cross.queries(queries_BxMxQxE), "b m q h k -> b (m q) h k")
     mask = AttentionMask.segment_local(patch_ids_BxT, valid_BxM, self.config.queries_per_patch)
     out_BxMxQxHxK = einops.rearrange(cross.attend(q_BxNxHxK, keys, values, mask), "b (m q) h k -> b m q h k",
                                      q=self.config.queries_per_patch)
-    states = queries_BxMxQxE + cross.output(out_BxMxQxHxK).astype(dtype)
-    return jnp.einsum("bkqe,qeg->bkg", states, self.global_in[...].astype(dtype))
+    states_BxMxQxE = cross.add_residual(queries_BxMxQxE, out_BxMxQxHxK)
+    if self.global_in is None:  # the identity: Q * h_E == h_G
+      return einops.rearrange(states_BxMxQxE, "b m q e -> b m (q e)")
+    return jnp.einsum("bkqe,qeg->bkg", states_BxMxQxE, self.global_in[...].astype(dtype))
 
-  def slot_keys_values(self, global_out_BxMxD):
-    """Decoder cross-attention keys/values ``BxKxQxHxK`` made from each patch's global output."""
-    dtype = global_out_BxMxD.dtype
-    slots = jnp.einsum("bkg,gqd->bkqd", global_out_BxMxD, self.global_out[...].astype(dtype))
-    return self.decoder_cross.keys_values(slots)
+  def slot_vectors(self, global_out_BxMxG):
+    """The ``Q`` decoder-width slot vectors ``BxMxQxD`` made from each patch's global output."""
+    dtype = global_out_BxMxG.dtype
+    return jnp.einsum("bkg,gqd->bkqd", global_out_BxMxG, self.global_out[...].astype(dtype))
 
-  def bos_keys_values(self):
-    return self.decoder_cross.keys_values(self.bos_slots[...].astype(jnp.dtype(self.config.decoder.dtype)))
+  def decoder_inputs(self, encoder_states_BxTxE):
+    """The decoder's input per byte: its encoder state, projected to the decoder width (or as it is)."""
+    x = encoder_states_BxTxE
+    if self.byte_to_decoder is not None:
+      x = jnp.einsum("bte,ed->btd", x, self.byte_to_decoder[...].astype(x.dtype))
+    return x.astype(jnp.dtype(self.config.decoder.dtype))
 
-  def decoder_inputs(self, encoder_states_BxTxE, slot_keys_BxTxQxHxK, slot_values_BxTxQxHxK):
-    """Each byte's decoder input: its encoder state, plus cross-attention to the k slots it reads."""
-    b = encoder_states_BxTxE.shape[0]
-    w = self.byte_to_decoder[...].astype(encoder_states_BxTxE.dtype)
-    x = jnp.einsum("bte,ed->btd", encoder_states_BxTxE, w)
-    x = x.astype(jnp.dtype(self.config.decoder.dtype))
-    q_BxTxHxK = self.decoder_cross.queries(x)
-    # One query per byte against its own Q slots: fold bytes into the batch.
-    out_NxHxK = self.decoder_cross.attend(
-        einops.rearrange(q_BxTxHxK, "b t h k -> (b t) 1 h k"),
-        einops.rearrange(slot_keys_BxTxQxHxK, "b t q h k -> (b t) q h k"),
-        einops.rearrange(slot_values_BxTxQxHxK, "b t q h k -> (b t) q h k"),
-    )
-    out_BxTxHxK = einops.rearrange(out_NxHxK, "(b t) 1 h k -> b t h k", b=b)
-    return x + self.decoder_cross.output(out_BxTxHxK).astype(x.dtype)
+  def decoder_layers(self, x_BxTxD, segment_ids_BxT, slots_BxSxQxD, slot_index_BxT, cache: KVCache | None = None):
+    """The decoder's byte layers and its cross-attention to each byte's slots (before the first layer, or before
+    every layer). With ``cache`` the bytes are appended to it (decoding) and ``(hidden, cache)`` is returned."""
+    c = self.config
+    cross_step = lambda cross, x: cross.attend_own_slots(x, slots_BxSxQxD, slot_index_BxT)  # noqa: E731
+    if not c.decoder_cross_every_layer:
+      x = cross_step(self.decoder_cross, x_BxTxD)
+      if cache is None:
+        return self.decoder(x, None, segment_ids_BxT)
+      return self.decoder.decode(x, cache)
+    block_graph, block_state = nnx.split(self.decoder.blocks)
+    cross_graph, cross_state = nnx.split(self.decoder_cross)
+    if cache is None:
+      def layer(pair, x):
+        block, cross = pair
+        return block(cross_step(cross, x), None, segment_ids_BxT)
+
+      return scan_blocks((self.decoder.blocks, self.decoder_cross), c.decoder, layer, x_BxTxD)
+
+    def decode_layer(x, inputs):
+      layer_block, layer_cross, k_cache, v_cache = inputs
+      x = cross_step(nnx.merge(cross_graph, layer_cross), x)
+      x, k_cache, v_cache = nnx.merge(block_graph, layer_block).decode(x, k_cache, v_cache, cache.lengths_B)
+      return x, (k_cache, v_cache)
+
+    x, (k, v) = jax.lax.scan(decode_layer, x_BxTxD, (block_state, cross_state, cache.k_LxBxSxGxK, cache.v_LxBxSxGxK))
+    return x, cache.replace(k_LxBxSxGxK=k, v_LxBxSxGxK=v, lengths_B=cache.lengths_B + x_BxTxD.shape[1])
+
+  def _last_byte_closes(self, next_start_B, shape):
+    """Whether the row's last byte reads its own patch (``completed_patch``): when the byte that would come next
+    opens a patch, except with ``max_patch_length``, where transformers' splitting of long patches drops the empty
+    patch that marks that boundary, so its last byte always reads the previous patch."""
+    if self.config.patching.max_patch_length is not None:
+      return jnp.zeros(shape, bool)
+    return next_start_B if next_start_B is not None else jnp.ones(shape, bool)
+
+  def bos_slot_vectors(self):
+    return self.bos_slots[...].astype(jnp.dtype(self.config.decoder.dtype))
 
   def unembed(self, hidden_BxTxD):
     """Final norm and output projection; logits in float32."""
@@ -322,17 +490,27 @@ class BLT(nnx.Module):
     patch_in = patch_in.astype(jnp.dtype(self.config.global_stack.dtype))
     global_out = self.global_stack(patch_in, None, patch_docs_BxM)
 
-    # Slot p holds patch p-1's global output, or the BOS slots when p opens its document.
-    keys, values = self.slot_keys_values(global_out)
-    bos_k, bos_v = self.bos_keys_values()
-    opens_doc = jnp.concatenate([jnp.ones_like(patch_docs_BxM[:, :1], bool),
-                                 patch_docs_BxM[:, 1:] != patch_docs_BxM[:, :-1]], axis=1)[..., None, None, None]
-    lag = lambda kv: jnp.concatenate([jnp.zeros_like(kv[:, :1]), kv[:, :-1]], axis=1)  # noqa: E731
-    keys = jnp.where(opens_doc, bos_k.astype(keys.dtype), lag(keys))
-    values = jnp.where(opens_doc, bos_v.astype(values.dtype), lag(values))
-    slot_BxT = jnp.maximum(patches.patch_ids_BxT, 0)
-    x = self.decoder_inputs(encoder_states, take_rows(keys, slot_BxT), take_rows(values, slot_BxT))
-    hidden = self.decoder(x, None, segment_ids_BxT)
+    # Slot s holds the global output of patch s-1; slot_index says which slot each byte's decoder reads.
+    slots = self.slot_vectors(global_out).astype(jnp.dtype(self.config.decoder.dtype))
+    slots = jnp.concatenate([jnp.zeros_like(slots[:, :1]), slots], axis=1)
+    patch_ids = patches.patch_ids_BxT
+    if self.config.decoder_context == "completed_patch":
+      # A byte that closes its patch (the next byte opens one or is in another document; after the row's last
+      # byte, the byte that would come next opens one: ``Patches.next_start_B``) reads its own patch's output,
+      # every other byte the previous patch's.
+      after_row = jnp.where(self._last_byte_closes(patches.next_start_B, patch_ids.shape[:1]), -1,
+                            patch_ids[:, -1])[:, None]
+      next_ids = jnp.concatenate([patch_ids[:, 1:], after_row], axis=1)
+      slot_index = jnp.maximum(patch_ids, 0) + (next_ids != patch_ids).astype(jnp.int32)
+    else:
+      # Previous patch; a patch that opens its document reads the BOS slots instead.
+      opens_doc = jnp.concatenate([jnp.ones_like(patch_docs_BxM[:, :1], bool),
+                                   patch_docs_BxM[:, 1:] != patch_docs_BxM[:, :-1]], axis=1)
+      opens_doc = jnp.concatenate([opens_doc, jnp.zeros_like(opens_doc[:, :1])], axis=1)[..., None, None]
+      slots = jnp.where(opens_doc, self.bos_slot_vectors().astype(slots.dtype), slots)
+      slot_index = jnp.maximum(patch_ids, 0)
+    x = self.decoder_inputs(encoder_states)
+    hidden = self.decoder_layers(x, segment_ids_BxT, slots, slot_index)
     return ModelOutput(self.unembed(hidden), hidden), patches
 
   def loss(self, batch):
@@ -344,19 +522,17 @@ class BLT(nnx.Module):
 
   def init_cache(self, batch: int, max_len: int) -> BLTCache:
     c = self.config
-    h, d = c.decoder.num_heads, c.decoder.head_dim
-    slots = (batch, max_len + 1, c.queries_per_patch, h, d)
-    dtype = jnp.dtype(c.decoder.dtype)
     return BLTCache(
         lengths_B=jnp.zeros((batch,), jnp.int32),
         bytes_BxS=jnp.zeros((batch, max_len), jnp.int32),
         entropies_BxS=jnp.zeros((batch, max_len), jnp.float32),
         encoder_states_BxSxD=jnp.zeros((batch, max_len, c.encoder.d_model), self.compute_dtype),
-        slot_keys_BxMxQxHxK=jnp.zeros(slots, dtype),
-        slot_values_BxMxQxHxK=jnp.zeros(slots, dtype),
+        slots_BxMxQxD=jnp.zeros((batch, max_len + 1, c.queries_per_patch, c.decoder.d_model),
+                                jnp.dtype(c.decoder.dtype)),
         encoder_cache=self.encoder.init_cache(batch, max_len),
         global_cache=self.global_stack.init_cache(batch, max_len),
-        decoder_cache=self.decoder.init_cache(batch, max_len),
+        # One spare slot: "completed_patch" decoding runs the previous call's last byte again with the new ones.
+        decoder_cache=self.decoder.init_cache(batch, max_len + 1),
         entropy_cache=self.entropy_lm.init_cache(batch, max_len) if self.entropy_lm is not None else None,
     )
 
@@ -374,11 +550,16 @@ class BLT(nnx.Module):
       new_h = jax.lax.stop_gradient(entropy.entropy_from_logits(out.logits_BxTxV))
       entropies_buf = write_rows(entropies_buf, new_h, start_B)
 
-    # Patches of the whole buffer: causal, so the patches of earlier bytes are the ones they had.
-    slot_index = jnp.arange(s, dtype=jnp.int32)
-    buffer_segments = (slot_index[None] < total_B[:, None]).astype(jnp.int32)
-    patches = patching.patch(c.patching, bytes_buf, buffer_segments,
-                             entropies_BxT=entropies_buf if self.entropy_lm is not None else None, max_patches=s)
+    # Patches of the whole buffer: causal, so the patches of earlier bytes are the ones they had. With
+    # "completed_patch" the buffer gets one more slot: the next, unseen byte, whose start flag is already known.
+    completed = c.decoder_context == "completed_patch"
+    extra = 1 if completed else 0
+    pad = lambda a: jnp.concatenate([a, jnp.zeros_like(a[:, :extra])], axis=1)  # noqa: E731
+    slot_index = jnp.arange(s + extra, dtype=jnp.int32)
+    buffer_segments = (slot_index[None] < total_B[:, None] + extra).astype(jnp.int32)
+    patches = patching.patch(c.patching, pad(bytes_buf), buffer_segments,
+                             entropies_BxT=pad(entropies_buf) if self.entropy_lm is not None else None,
+                             max_patches=s + extra)
     patch_ids = patches.patch_ids_BxT
 
     # Local encoder on the new bytes (n-gram hashes need up to max(n) - 1 earlier bytes).
@@ -389,40 +570,60 @@ class BLT(nnx.Module):
     new_states, encoder_cache = self.encoder.decode(x, cache.encoder_cache.replace(lengths_B=start_B))
     states_buf = write_rows(cache.encoder_states_BxSxD, new_states.astype(cache.encoder_states_BxSxD.dtype), start_B)
 
-    # Patches closed by this call: patch p is closed once a later byte opened patch p+1.
-    closed_before = jnp.where(start_B > 0, take_rows(patch_ids, jnp.maximum(start_B - 1, 0)[:, None])[:, 0], 0)
-    closed_after = take_rows(patch_ids, (total_B - 1)[:, None])[:, 0]
+    # Patches closed by this call. "previous_patch": patch p is closed once a later byte opened p+1;
+    # "completed_patch": once the byte after its last one is known to open a new patch.
+    patch_at = lambda positions_B: take_rows(patch_ids, positions_B[:, None])[:, 0]  # noqa: E731
+    if completed:
+      closed_before, closed_after = patch_at(start_B), patch_at(total_B)
+    else:
+      closed_before = jnp.where(start_B > 0, patch_at(jnp.maximum(start_B - 1, 0)), 0)
+      closed_after = patch_at(total_B - 1)
     closing_B = closed_after - closed_before
 
     def run_global(operands):
-      global_cache, slot_keys, slot_values = operands
+      global_cache, slots = operands
       j = jnp.arange(n, dtype=jnp.int32)
-      relative = patch_ids - closed_before[:, None]
-      member = (patch_ids >= 0) & (relative >= 0) & (relative < closing_B[:, None])
+      relative = patch_ids[:, :s] - closed_before[:, None]
+      member = (patch_ids[:, :s] >= 0) & (relative >= 0) & (relative < closing_B[:, None])
       patch_in = self.encode_patches(states_buf, jnp.where(member, relative, -1), j[None] < closing_B[:, None])
       patch_in = patch_in.astype(jnp.dtype(c.global_stack.dtype))
       # Rows append their closed patches at their own patch count; slots past it are rewritten later.
       global_out, global_cache = self.global_stack.decode(patch_in, global_cache.replace(lengths_B=closed_before))
-      keys, values = self.slot_keys_values(global_out)
-      slot_keys = write_rows(slot_keys, keys.astype(slot_keys.dtype), closed_before + 1)
-      slot_values = write_rows(slot_values, values.astype(slot_values.dtype), closed_before + 1)
-      return global_cache, slot_keys, slot_values
+      slots = write_rows(slots, self.slot_vectors(global_out).astype(slots.dtype), closed_before + 1)
+      return global_cache, slots
 
-    operands = (cache.global_cache, cache.slot_keys_BxMxQxHxK, cache.slot_values_BxMxQxHxK)
-    global_cache, slot_keys, slot_values = jax.lax.cond(jnp.any(closing_B > 0), run_global, lambda ops: ops, operands)
+    operands = (cache.global_cache, cache.slots_BxMxQxD)
+    global_cache, slots = jax.lax.cond(jnp.any(closing_B > 0), run_global, lambda ops: ops, operands)
 
-    # Local decoder on the new bytes, each reading the slot of its patch.
-    new_slots = take_rows(patch_ids, start_B[:, None] + jnp.arange(n, dtype=jnp.int32))
-    bos_k, bos_v = self.bos_keys_values()
-    first = (new_slots == 0)[..., None, None, None]
-    keys = jnp.where(first, bos_k.astype(slot_keys.dtype), take_rows(slot_keys, new_slots))
-    values = jnp.where(first, bos_v.astype(slot_values.dtype), take_rows(slot_values, new_slots))
-    x = self.decoder_inputs(new_states, keys, values)
-    hidden, decoder_cache = self.decoder.decode(x, cache.decoder_cache.replace(lengths_B=start_B))
+    # Local decoder on the new bytes, each reading its slot (slot p: the global output of patch p-1). With
+    # "completed_patch" the last byte reads as the forward pass's last byte would (``_last_byte_closes``), which a
+    # later byte can overturn; so the decoder runs the previous call's last byte again (its cached keys and values
+    # are replaced, its logits dropped), and every call's logits equal the forward pass over the bytes so far.
+    redo_B = (start_B > 0).astype(jnp.int32) if completed else jnp.zeros_like(start_B)
+    first_B = start_B - redo_B
+    positions = first_B[:, None] + jnp.arange(n + extra, dtype=jnp.int32)
+    read_ids = take_rows(patch_ids, positions)
+    if completed:  # a byte that closes its patch reads the patch's own output
+      is_last = positions == (total_B - 1)[:, None]
+      following = take_rows(patch_ids, jnp.minimum(positions + 1, s))
+      closes = jnp.where(is_last, self._last_byte_closes(following != read_ids, is_last.shape), following != read_ids)
+      slot_vectors = take_rows(slots, jnp.maximum(read_ids, 0) + closes.astype(jnp.int32))
+      decoder_states = take_rows(states_buf, jnp.minimum(positions, s - 1))
+    else:
+      slot_vectors = jnp.where((read_ids == 0)[..., None, None], self.bos_slot_vectors().astype(slots.dtype),
+                               take_rows(slots, read_ids))
+      decoder_states = new_states
+    x = self.decoder_inputs(decoder_states)
+    own_slot = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+    hidden, decoder_cache = self.decoder_layers(x, None, slot_vectors, own_slot,
+                                                cache=cache.decoder_cache.replace(lengths_B=first_B))
+    if completed:
+      hidden = take_rows(hidden, redo_B[:, None] + jnp.arange(n, dtype=jnp.int32))
+      decoder_cache = decoder_cache.replace(lengths_B=total_B)
     new_cache = BLTCache(
         lengths_B=total_B, bytes_BxS=bytes_buf, entropies_BxS=entropies_buf, encoder_states_BxSxD=states_buf,
-        slot_keys_BxMxQxHxK=slot_keys, slot_values_BxMxQxHxK=slot_values, encoder_cache=encoder_cache,
-        global_cache=global_cache, decoder_cache=decoder_cache, entropy_cache=entropy_cache,
+        slots_BxMxQxD=slots, encoder_cache=encoder_cache, global_cache=global_cache, decoder_cache=decoder_cache,
+        entropy_cache=entropy_cache,
     )
     return ModelOutput(self.unembed(hidden), hidden), new_cache
 
@@ -481,18 +682,24 @@ def flops_per_byte(config: BLTConfig, seq_len: int, average_patch_size: float | 
   slots_per_byte = slots / seq_len if dense else 1.0 / p
   kw = dict(convention=convention, attention=attention)
   enc_width, dec_width = e.num_heads * e.head_dim, d.num_heads * d.head_dim
-  per_slot_encoder = 2 * q * (e.d_model * e.d_model + 2 * e.d_model * enc_width + e.d_model * g.d_model)
-  # Each byte is a key of the q queries of its own patch: scores and weighted values, per byte.
-  encoder_cross_pairs = 2 * 2 * q * enc_width
-  per_slot_decoder = 2 * q * (g.d_model * d.d_model + 2 * d.d_model * dec_width)
+  enc_kv, dec_kv = e.num_kv_heads * e.head_dim, d.num_kv_heads * d.head_dim
+  global_in = e.d_model * g.d_model if c.project_global_input else 0
+  per_slot_encoder = 2 * q * (e.d_model * e.d_model + 2 * e.d_model * enc_width + global_in)
+  # Each byte is a key of the q queries of its own patch: keys/values, then scores and weighted values, per byte.
+  encoder_cross_pairs = 2 * 2 * e.d_model * enc_kv + 2 * 2 * q * enc_width
+  # Per decoder cross-attention: the byte's query and output projections and its q slots; keys/values per slot.
+  decoder_cross_layers = d.num_layers if c.decoder_cross_every_layer else 1
+  per_byte_decoder = 2 * 2 * d.d_model * dec_width + 2 * 2 * q * dec_width
+  per_slot_decoder = 2 * q * 2 * d.d_model * dec_kv
+  byte_to_decoder = 2 * e.d_model * d.d_model if c.project_decoder_input else 0
   count = flops.stack_flops(e, seq_len, prefix="encoder.", **kw)
   count += flops.stack_flops(g, slots, prefix="global.", **kw).scaled(slots_per_byte)
   count += flops.stack_flops(d, seq_len, prefix="decoder.", **kw)
   return count + flops.FlopCount({
-      "encoder.cross_attention": (2 * 2 * e.d_model * enc_width + encoder_cross_pairs
-                                  + per_slot_encoder * slots_per_byte),
-      "decoder.cross_attention": (2 * (e.d_model * d.d_model + 2 * d.d_model * dec_width + 2 * q * dec_width)
-                                  + per_slot_decoder * slots_per_byte),
+      # Only the last encoder cross-attention runs (with one per layer the others do not reach the output).
+      "encoder.cross_attention": encoder_cross_pairs + per_slot_encoder * slots_per_byte,
+      "decoder.cross_attention": (byte_to_decoder + 2 * q * g.d_model * d.d_model * slots_per_byte
+                                  + decoder_cross_layers * (per_byte_decoder + per_slot_decoder * slots_per_byte)),
       "unembed": 2.0 * d.d_model * vocab.VOCAB_SIZE,
   }) + (_entropy_model_flops(c, seq_len, **kw) if include_entropy_model else flops.FlopCount({}))
 
@@ -556,3 +763,27 @@ PRESETS = {
     "1b": _blt(1024, 1, 2048, 25, 1024, 9, heads_e=16, heads_g=16, heads_d=16, window=512, buckets=500_002,
                seq=8192, ratio=0.5, theta=500000.0),
 }
+
+
+def _released(d_local, l_e, l_d, heads_local, mlp_local, d_global, l_g, heads_global, mlp_global) -> BLTConfig:
+  theta = 500000.0
+  local = lambda layers: TransformerConfig(  # noqa: E731
+      d_model=d_local, num_layers=layers, num_heads=heads_local, num_kv_heads=heads_local,
+      head_dim=d_local // heads_local, mlp_hidden=mlp_local, window=512, rope=rope.RopeConfig(rope_theta=theta))
+  entropy_model = ByteLMConfig(stack=TransformerConfig(
+      d_model=768, num_layers=14, num_heads=12, num_kv_heads=12, head_dim=64, mlp_hidden=2048, window=512,
+      rope=rope.RopeConfig(rope_theta=10000.0)), max_seq_len=8192)
+  config = BLTConfig(
+      encoder=local(l_e), decoder=local(l_d),
+      global_stack=TransformerConfig(d_model=d_global, num_layers=l_g, num_heads=heads_global,
+                                     num_kv_heads=heads_global, head_dim=d_global // heads_global,
+                                     mlp_hidden=mlp_global, rope=rope.RopeConfig(rope_theta=theta)),
+      patching=PatchingConfig("entropy"), hash_ngrams=hashing.DEFAULT_NGRAMS, hash_buckets=500_002,
+      queries_per_patch=2, max_seq_len=4096, entropy_model_config=entropy_model)
+  return reference_options(config)
+
+
+# The released models (facebook/blt-1b, blt-7b) in transformers' layout: reference options, MLP widths rounded up
+# to multiples of 256, a 14-layer d-768 entropy model. blt-7b takes the paper's 8B shapes (docs/blt.md).
+PRESETS["blt-1b"] = _released(1024, 1, 9, 16, 2816, 2048, 25, 16, 5632)
+PRESETS["blt-7b"] = _released(1280, 1, 6, 20, 3584, 4096, 32, 32, 11008)
