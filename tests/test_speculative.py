@@ -39,12 +39,13 @@ def test_accepted_lengths_brute_force(rng):
     assert got[row] == k
 
 
-@pytest.mark.parametrize("variant", ["parallel", "sequential"])
-def test_drafts_equal_full_forward_reference(variant, rng):
+@pytest.mark.parametrize("variant,n", [("parallel", 3), ("sequential", 3), ("parallel", 8)])
+def test_drafts_equal_full_forward_reference(variant, n, rng):
   """After a history of ragged verification steps (blocks appended, rejected bytes rolled back), ``draft``
   proposes exactly what the heads give on a full forward over the confirmed bytes: head j's greedy byte at
-  the last position, a sequential head reading the bytes drafted before it."""
-  n, batch, width = 3, 2, 40
+  the last position, a sequential head reading the bytes drafted before it. (Parallel heads draft from one
+  attention over all heads' cached keys: n=8 checks that no head reads another's.)"""
+  batch, width = 2, max(40, 10 * n)  # room for the prompt, 7 verified blocks and the drafts
   model = build(variant, n, seed=1)
   graphdef, params = nnx.split(model)
   call = lambda name: jax.jit(lambda p, *a: getattr(nnx.merge(graphdef, p), name)(*a))  # noqa: E731
@@ -129,6 +130,28 @@ def test_random_weights_identical_to_greedy():
   assert result.tokens.shape == (3, 64) and (result.forwards <= 64).all()
   assert result.forwards.tolist() == simulated_forwards(model, PROMPTS, result.tokens)
   assert result.steps == result.forwards.max() - 1  # the batch steps until its slowest row is done
+
+
+def test_no_compilation_after_the_first_call(trained):
+  """The whole decode is one compiled program, whatever each step accepts: decoding other prompts of the same
+  shapes (other acceptance at every step) compiles nothing, speculative or greedy."""
+  result, _ = trained
+  first = assert_identical(result.model, PROMPTS, 64)
+  others = [b"def f6(x):\n", b"\x02\xfd rubbish \x00", b"ret"]
+  assert [len(p) for p in others] == [len(p) for p in PROMPTS]
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    second = assert_identical(result.model, others, 64)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == []
+  assert second.forwards.tolist() != first.forwards.tolist()  # the steps accepted other lengths
 
 
 @pytest.fixture(scope="module")

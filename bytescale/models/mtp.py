@@ -23,7 +23,9 @@ one head's ``BxTxV`` logits exist at once; the trunk-output cotangent is accumul
 
 Drafting (for :mod:`bytescale.speculative`): ``init_cache(..., drafting=True)`` also keeps KV caches for heads
 2..n and what drafting reads, and :meth:`MultiTokenLM.draft` proposes the next n-1 bytes. Head 1's cache is
-written only by ``decode``, from the same inputs plain decoding sees, so verification is exact.
+written only by ``decode``, from the same inputs plain decoding sees, so verification is exact. Parallel heads
+cost a verification step little: ``decode`` only projects their keys and values at the new positions (all
+heads at once), and ``draft`` runs the heads' attention, MLP and unembedding at the one position drafted from.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ from bytescale.configs import ByteLMConfig, ConfigError, TransformerConfig, chec
 from bytescale.models.base import ModelOutput
 from bytescale.nn.layers import Embedding, RMSNorm, param, scaled_normal
 from bytescale.nn.transformer import Block
+from bytescale.ops import attention as attention_ops
+from bytescale.ops.mask import AttentionMask
 from bytescale.ops.losses import bits_per_byte, masked_cross_entropy
 from bytescale.ops.rows import read_rows, write_rows
 from bytescale.ops.sampling import greedy_ids
@@ -209,22 +213,35 @@ def _index(state, i):
   return jax.tree.map(lambda a: a[i], state)
 
 
+def _write_slots(buffer, new, start_B, axis: int):
+  """``buffer`` (batch first, slots on ``axis``) with row b's N new entries ``new[b]`` (same layout, N slots on
+  ``axis``) written at slots ``start[b] .. start[b] + N - 1`` (``write_rows`` for slots on another axis)."""
+  def write(row, update, start):
+    return jax.lax.dynamic_update_slice_in_dim(row, update, start, axis=axis - 1)
+
+  return jax.vmap(write)(buffer, new.astype(buffer.dtype), start_B)
+
+
 @struct.dataclass
 class MultiTokenCache:
   """The trunk's cache, head 1's keys/values and, when ``drafting``, those of heads 2..n (``J = n - 1``).
 
   Drafting state, indexed by position like the KV caches (slots at or beyond ``lengths_B`` are free):
-  parallel heads keep ``proposals_BxSxJxD``, each extra head's output at every position; sequential heads
-  keep what their recomputation reads: ``draft_source_BxSxD`` (head 1's output) and ``tokens_BxS`` (the ids).
+  parallel heads keep their keys and values in one buffer each, ``heads_k_BxJxGxSxK`` and ``heads_v_BxJxGxKxS``
+  (a head's keys are KV-head groups of one attention over all heads; slots after the groups, values transposed:
+  the layouts XLA's CPU matmuls read without copying the buffers at every step), and ``draft_source_BxSxD``, the
+  trunk's output, which every parallel head reads; sequential heads keep separate caches (``extra_k``/``extra_v``)
+  and what their recomputation reads: ``draft_source_BxSxD`` (head 1's output) and ``tokens_BxS`` (the ids).
   """
 
   trunk: Any
   k_BxSxGxK: jax.Array
   v_BxSxGxK: jax.Array
   lengths_B: jax.Array
-  extra_k: tuple | None = None  # J arrays BxSxGxK: separate buffers, so each is updated in place
+  extra_k: tuple | None = None  # sequential: J arrays BxSxGxK, separate buffers, so each is updated in place
   extra_v: tuple | None = None
-  proposals_BxSxJxD: jax.Array | None = None
+  heads_k_BxJxGxSxK: jax.Array | None = None  # parallel
+  heads_v_BxJxGxKxS: jax.Array | None = None
   draft_source_BxSxD: jax.Array | None = None
   tokens_BxS: jax.Array | None = None
   drafting: bool = struct.field(pytree_node=False, default=False)
@@ -320,15 +337,18 @@ class MultiTokenLM(nnx.Module):
                             jnp.zeros(shape, hc.dtype), jnp.zeros((batch,), jnp.int32), drafting=drafting)
     if not drafting or self.num_heads == 1:
       return cache
+    if not self.sequential:
+      heads = (batch, self.num_heads - 1, hc.num_kv_heads)
+      return cache.replace(heads_k_BxJxGxSxK=jnp.zeros((*heads, max_len, hc.head_dim), hc.dtype),
+                           heads_v_BxJxGxKxS=jnp.zeros((*heads, hc.head_dim, max_len), hc.dtype),
+                           draft_source_BxSxD=jnp.zeros((batch, max_len, hc.d_model), hc.dtype))
     # A sequential draft rewrites a window of draft_window slots from position max(m - window, 0).
-    extra = (batch, max(max_len, self.draft_window if self.sequential else 0), *shape[2:])
-    cache = cache.replace(extra_k=tuple(jnp.zeros(extra, hc.dtype) for _ in range(self.num_heads - 1)),
-                          extra_v=tuple(jnp.zeros(extra, hc.dtype) for _ in range(self.num_heads - 1)))
-    if self.sequential:
-      slack = self.draft_window + self.num_heads  # draft windows read a little past the last position
-      return cache.replace(draft_source_BxSxD=jnp.zeros((batch, max_len + slack, hc.d_model), hc.dtype),
-                           tokens_BxS=jnp.full((batch, max_len + slack), vocab.PAD, jnp.int32))
-    return cache.replace(proposals_BxSxJxD=jnp.zeros((batch, max_len, self.num_heads - 1, hc.d_model), hc.dtype))
+    extra = (batch, max(max_len, self.draft_window), *shape[2:])
+    slack = self.draft_window + self.num_heads  # draft windows read a little past the last position
+    return cache.replace(extra_k=tuple(jnp.zeros(extra, hc.dtype) for _ in range(self.num_heads - 1)),
+                         extra_v=tuple(jnp.zeros(extra, hc.dtype) for _ in range(self.num_heads - 1)),
+                         draft_source_BxSxD=jnp.zeros((batch, max_len + slack, hc.d_model), hc.dtype),
+                         tokens_BxS=jnp.full((batch, max_len + slack), vocab.PAD, jnp.int32))
 
   def rollback(self, cache: MultiTokenCache, n_B) -> MultiTokenCache:
     """Forgets the last ``n_B`` bytes of each row (slots beyond the lengths are masked, not cleared)."""
@@ -337,26 +357,70 @@ class MultiTokenLM(nnx.Module):
 
   def decode(self, cache: MultiTokenCache, bytes_BxN):
     """Appends N bytes per row; returns head 1's logits. A drafting cache also advances heads 2..n: parallel
-    heads record their greedy byte at every position; sequential heads read the bytes of this block (positions
-    whose byte lies beyond it are rewritten by ``draft``)."""
+    heads store their keys and values and the trunk's states at the new positions (their attention and MLP run
+    in ``draft``, at one position); sequential heads run over the block, reading its bytes (positions whose
+    byte lies beyond it are rewritten by ``draft``)."""
     start_B = cache.lengths_B
     trunk_out, trunk_cache = self.trunk.decode(cache.trunk, bytes_BxN)
     hidden = trunk_out.hidden_BxTxD
     graphdef, state = nnx.split(self.heads)
     first, k, v = nnx.merge(graphdef, _index(state, 0)).decode(hidden, cache.k_BxSxGxK, cache.v_BxSxGxK, start_B)
     new = cache.replace(trunk=trunk_cache, k_BxSxGxK=k, v_BxSxGxK=v, lengths_B=start_B + bytes_BxN.shape[1])
-    if cache.drafting and self.num_heads > 1:
+    if cache.drafting and self.num_heads > 1 and not self.sequential:
+      def keys_values(head_state):
+        block = nnx.merge(graphdef, head_state)
+        _, k, v = block.attention.decode_qkv(block.attention_norm(hidden), start_B)
+        return k, v
+
+      # Every head's, head 1's dropped: slicing the stacked parameters would copy them at every step.
+      k_JxBxNxGxK, v_JxBxNxGxK = (x[1:] for x in jax.vmap(keys_values)(state))
+      new = new.replace(
+          heads_k_BxJxGxSxK=_write_slots(cache.heads_k_BxJxGxSxK, k_JxBxNxGxK.transpose(1, 0, 3, 2, 4), start_B, 3),
+          heads_v_BxJxGxKxS=_write_slots(cache.heads_v_BxJxGxKxS, v_JxBxNxGxK.transpose(1, 0, 3, 4, 2), start_B, 4),
+          draft_source_BxSxD=write_rows(cache.draft_source_BxSxD, hidden, start_B))
+    elif cache.drafting and self.num_heads > 1:
       block_ids_BxU = jnp.pad(bytes_BxN, ((0, 0), (0, self.num_heads)), constant_values=vocab.PAD)
-      out_JxBxNxD, k_extra, v_extra = self._extra_heads_decode(
-          state, hidden, first, block_ids_BxU, cache.extra_k, cache.extra_v, start_B, None)
-      new = new.replace(extra_k=k_extra, extra_v=v_extra)
-      if self.sequential:
-        new = new.replace(draft_source_BxSxD=write_rows(cache.draft_source_BxSxD, first, start_B),
-                          tokens_BxS=write_rows(cache.tokens_BxS, bytes_BxN, start_B))
-      else:
-        new = new.replace(proposals_BxSxJxD=write_rows(cache.proposals_BxSxJxD, out_JxBxNxD.transpose(1, 2, 0, 3),
-                                                        start_B))
+      _, k_extra, v_extra = self._extra_heads_decode(state, hidden, first, block_ids_BxU, cache.extra_k,
+                                                     cache.extra_v, start_B, None)
+      new = new.replace(extra_k=k_extra, extra_v=v_extra,
+                        draft_source_BxSxD=write_rows(cache.draft_source_BxSxD, first, start_B),
+                        tokens_BxS=write_rows(cache.tokens_BxS, bytes_BxN, start_B))
     return ModelOutput(self.unembed(first), first), new
+
+  def _parallel_draft(self, cache: MultiTokenCache):
+    """Heads 2..n at the last cached position only, all heads at once: queries there, one attention over their
+    cached keys (head j's keys are KV-head groups of its own), MLP, one unembedding. ``drafts_BxJ``."""
+    # Every head runs (head 1's output dropped): slicing the stacked parameters would copy them at every step.
+    graphdef, state = nnx.split(self.heads)
+    m_B = cache.lengths_B
+    last_B = jnp.maximum(m_B - 1, 0)
+    source_Bx1xD = read_rows(cache.draft_source_BxSxD, last_B, 1)
+
+    def queries(head_state):
+      block = nnx.merge(graphdef, head_state)
+      return block.attention.decode_qkv(block.attention_norm(source_Bx1xD), last_B, m_B)[0]
+
+    q_JxBx1xHxK = jax.vmap(queries)(state)[1:]
+    j, b, _, h, k = q_JxBx1xHxK.shape
+    _, _, g, s, _ = cache.heads_k_BxJxGxSxK.shape
+    config = self.config.head_stack
+    # The attention's views of the buffers (BxSxGxK with J x G groups) undo their layouts: no copies.
+    keys_BxSxGxK = cache.heads_k_BxJxGxSxK.reshape(b, j * g, s, k).transpose(0, 2, 1, 3).astype(config.dtype)
+    values_BxSxGxK = cache.heads_v_BxJxGxKxS.reshape(b, j * g, k, s).transpose(0, 3, 1, 2).astype(config.dtype)
+    mask = AttentionMask.kv_cache(last_B[:, None], s, m_B, window=config.window)
+    out_Bx1xHxK = attention_ops.attention(  # H here counts J x H query heads over J x G key/value heads
+        q_JxBx1xHxK.transpose(1, 2, 0, 3, 4).reshape(b, 1, j * h, k), keys_BxSxGxK, values_BxSxGxK, mask,
+        impl=config.attention_impl)
+    out_JxBx1xHxK = out_Bx1xHxK.reshape(b, 1, j, h, k).transpose(2, 0, 1, 3, 4)
+
+    def rest_of_block(head_state, attended_Bx1xHxK):
+      block = nnx.merge(graphdef, head_state)
+      x = source_Bx1xD + block.attention.output(attended_Bx1xHxK).astype(source_Bx1xD.dtype)
+      return x + block.mlp(block.mlp_norm(x)).astype(x.dtype)
+
+    out_JxBx1xD = jax.vmap(rest_of_block)(state, jnp.pad(out_JxBx1xHxK, ((1, 0),) + ((0, 0),) * 4))[1:]
+    drafts_JxB = _greedy(self.unembed(out_JxBx1xD.reshape(j * b, 1, -1))[:, 0]).reshape(j, b)
+    return drafts_JxB.T
 
   def _extra_heads_decode(self, heads_state, source_BxWxD, first_BxWxD, ids_BxU, k_caches, v_caches, start_B,
                           last_B):
@@ -391,8 +455,8 @@ class MultiTokenLM(nnx.Module):
   def draft(self, cache: MultiTokenCache, next_B):
     """Proposes the n-1 bytes after ``next_B`` (the greedy byte following the cached positions).
 
-    Parallel heads: their greedy bytes at the last cached position, from the outputs ``decode`` recorded (one
-    batched unembedding for all heads, only where a draft is needed). Sequential heads:
+    Parallel heads: their greedy bytes at the last cached position, computed there from the keys and values
+    ``decode`` stored (see ``_parallel_draft``). Sequential heads:
     heads 2..n are recomputed over the last ``draft_window`` positions (their caches rewritten there; head 1
     and the trunk untouched), head k reading the byte drafted by head k-1. Returns ``(drafts_BxJ, cache)``.
     """
@@ -404,7 +468,7 @@ class MultiTokenLM(nnx.Module):
     if self.num_heads == 1:
       return jnp.zeros((batch, 0), jnp.int32), cache
     if not self.sequential:
-      return _greedy(self.unembed(cache.proposals_BxSxJxD[rows, jnp.maximum(m_B - 1, 0)])), cache
+      return self._parallel_draft(cache), cache
     width = self.draft_window
     start_B = jnp.maximum(m_B - width, 0)
     last_B = m_B - 1 - start_B

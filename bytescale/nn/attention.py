@@ -73,6 +73,10 @@ class Attention(nnx.Module):
   def attend(self, q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask: AttentionMask):
     """Attention under ``mask`` (``config.attention_impl``), then the output projection: ``BxTxD``."""
     out_BxTxHxK = attention_ops.attention(q_BxTxHxK, k_BxSxGxK, v_BxSxGxK, mask, impl=self.config.attention_impl)
+    return self.output(out_BxTxHxK)
+
+  def output(self, out_BxTxHxK):
+    """The output projection ``wo`` of attention outputs: ``BxTxD``."""
     return jnp.einsum("bthk,hkd->btd", out_BxTxHxK, self.wo[...].astype(self.dtype))
 
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
@@ -87,6 +91,16 @@ class Attention(nnx.Module):
     q, k, v = self.project(x_BxTxD, positions_BxT, seq_len=x_BxTxD.shape[1])
     return self.attend(q, k, v, mask)
 
+  def decode_qkv(self, x_BxNxD, lengths_B, seq_len_B=None):
+    """``(q BxNxHxK, k BxNxGxK, v BxNxGxK)`` of N tokens appended at each row's ``lengths`` (positions
+    ``lengths .. lengths + N - 1``), q and k rotated there; ``seq_len_B`` as in :meth:`decode`. For callers that
+    keep the keys or compute the queries apart (the multi-token heads' drafting)."""
+    n = x_BxNxD.shape[1]
+    positions_BxN = lengths_B[:, None] + jnp.arange(n, dtype=jnp.int32)
+    seq_len_B = lengths_B + n if seq_len_B is None else seq_len_B
+    q, k, v = self._qkv(x_BxNxD)
+    return self._rotate_rows(q, positions_BxN, seq_len_B), self._rotate_rows(k, positions_BxN, seq_len_B), v
+
   def decode(self, x_BxNxD, k_cache_BxSxGxK, v_cache_BxSxGxK, lengths_B, seq_len_B=None):
     """Appends N tokens per row at each row's ``lengths`` and attends over the cache.
 
@@ -96,10 +110,7 @@ class Attention(nnx.Module):
     """
     n = x_BxNxD.shape[1]
     positions_BxN = lengths_B[:, None] + jnp.arange(n, dtype=jnp.int32)
-    seq_len_B = lengths_B + n if seq_len_B is None else seq_len_B
-    q, k, v = self._qkv(x_BxNxD)
-    q = self._rotate_rows(q, positions_BxN, seq_len_B)
-    k = self._rotate_rows(k, positions_BxN, seq_len_B)
+    q, k, v = self.decode_qkv(x_BxNxD, lengths_B, seq_len_B)
     k_cache = write_rows(k_cache_BxSxGxK, k, lengths_B)
     v_cache = write_rows(v_cache_BxSxGxK, v, lengths_B)
     mask = AttentionMask.kv_cache(positions_BxN, k_cache_BxSxGxK.shape[1], lengths_B + n, window=self.config.window)
