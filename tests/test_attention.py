@@ -1,5 +1,9 @@
-"""The attention reference op against a float64 brute-force loop, for every mask kind."""
+"""The attention reference op against a float64 brute-force loop, for every mask kind.
 
+The blocked path is called under ``jax.jit`` as the models call it: eagerly, each of its per-diagonal ops would be
+compiled on its own (most of these tests' time)."""
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -132,8 +136,10 @@ def _packed_rows(rng, b, t, max_docs=4):
   return np.stack(rows)
 
 
-@pytest.mark.parametrize("t, window, block", [(37, None, 8), (64, None, None), (150, None, 16), (150, 7, 8),
-                                              (150, 16, 16), (200, 33, 16), (300, 64, None), (96, 500, 16)])
+@pytest.mark.parametrize("t, window, block", [
+    (37, None, 8), (64, None, None), (150, 7, 8), (150, 16, 16), (200, 33, 16), (300, 64, None), (96, 500, 16),
+    # (37, None, 8) at 10 blocks instead of 5 (causal, no window, explicit block, ragged last block): slow only.
+    pytest.param(150, None, 16, marks=pytest.mark.slow)])
 def test_blocked_packed_attention_equals_the_float64_loop(t, window, block):
   from bytescale.ops.attention import blocked_packed_attention
 
@@ -142,15 +148,13 @@ def test_blocked_packed_attention_equals_the_float64_loop(t, window, block):
   seg = _packed_rows(rng, b, t)
   q, k, v = (rng.normal(size=(b, t, n, d)).astype(np.float32) for n in (h, g, g))
   mask = AttentionMask.packed_row(jnp.asarray(seg), window=window)
-  out = blocked_packed_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, block=block)
+  out = jax.jit(lambda *a: blocked_packed_attention(*a, mask, block=block))(*map(jnp.asarray, (q, k, v)))
   pos = np.asarray(segment_positions(jnp.asarray(seg)))
   expected = brute_force_attention(q, k, v, pos, pos, seg, seg, True, window, d**-0.5)
   np.testing.assert_allclose(np.asarray(out), expected, atol=2e-5, rtol=2e-5)
 
 
 def test_blocked_packed_attention_gradients_equal_the_dense_path():
-  import jax
-
   from bytescale.ops.attention import attention_reference, blocked_packed_attention
 
   rng = np.random.default_rng(0)
@@ -161,8 +165,8 @@ def test_blocked_packed_attention_gradients_equal_the_dense_path():
   for window in (None, 20):
     mask = AttentionMask.packed_row(seg, window=window)
     loss = lambda fn: lambda *a: jnp.sum(fn(*a, mask) * w)  # noqa: E731
-    blocked = jax.grad(loss(lambda *a: blocked_packed_attention(*a, block=16)), argnums=(0, 1, 2))(q, k, v)
-    dense = jax.grad(loss(attention_reference), argnums=(0, 1, 2))(q, k, v)
+    blocked = jax.jit(jax.grad(loss(lambda *a: blocked_packed_attention(*a, block=16)), argnums=(0, 1, 2)))(q, k, v)
+    dense = jax.jit(jax.grad(loss(attention_reference), argnums=(0, 1, 2)))(q, k, v)
     for got, want in zip(blocked, dense):
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-4)
 
@@ -189,7 +193,7 @@ def test_xla_dispatch_takes_the_blocked_path_for_long_packed_rows(monkeypatch):
   seg = jnp.asarray(_packed_rows(rng, 1, 300))
   q = jnp.asarray(rng.normal(size=(1, 300, 2, 8)), jnp.float32)
   mask = AttentionMask.packed_row(seg, window=64)
-  out = attention(q, q, q, mask, impl="xla")
+  out = jax.jit(lambda q: attention(q, q, q, mask, impl="xla"))(q)  # dispatch happens once, when it is traced
   assert calls == [1]
   np.testing.assert_allclose(np.asarray(out), np.asarray(attention_ops.attention_reference(q, q, q, mask)),
                              atol=2e-5, rtol=2e-5)

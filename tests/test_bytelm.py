@@ -1,4 +1,6 @@
-"""ByteLM: shapes, causality, document isolation, cached decoding, overfitting, every byte value trained."""
+"""ByteLM: shapes, causality, document isolation, cached decoding, overfitting, every byte value trained.
+
+Most model calls go through ``jax.jit`` (``jitted``): eagerly, every op of the model would be compiled on its own."""
 
 import dataclasses
 
@@ -29,6 +31,18 @@ def forward(model):
 
 def random_ids(rng, b, t):
   return jnp.asarray(rng.integers(0, 256, size=(b, t)), jnp.int32)
+
+
+def jitted(model, method):
+  """``method(model, *args)`` jitted with the model's state as an argument (``model`` itself is left unchanged)."""
+  graphdef, state = nnx.split(model)
+  call = jax.jit(lambda state, *args: method(nnx.merge(graphdef, state), *args))
+  return lambda *args: call(state, *args)
+
+
+def decode_logits(model, cache, ids):
+  out, cache = model.decode(cache, ids)
+  return out.logits_BxTxV, cache
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -67,12 +81,13 @@ def test_documents_do_not_see_each_other(forward, rng):
 def test_cached_decode_equals_forward(window, rng):
   model = ByteLM(tiny_bytelm_config(window=window), rngs=nnx.Rngs(3))
   ids = random_ids(rng, 2, 21)
-  full = np.asarray(model(ids).logits_BxTxV)
+  full = np.asarray(jitted(model, lambda m, ids: m(ids).logits_BxTxV)(ids))
   cache = model.init_cache(2, 32)
+  decode = jitted(model, decode_logits)
   pieces = []
   for start, stop in [(0, 6), (6, 7), (7, 15), (15, 21)]:
-    out, cache = model.decode(cache, ids[:, start:stop])
-    pieces.append(np.asarray(out.logits_BxTxV))
+    logits, cache = decode(cache, ids[:, start:stop])
+    pieces.append(np.asarray(logits))
   assert_close(np.concatenate(pieces, axis=1), full, atol=2e-5)
   assert np.asarray(cache.lengths_B).tolist() == [21, 21]
 
@@ -81,16 +96,16 @@ def test_ragged_prefill_and_rollback(model, forward, rng):
   """Rows of different lengths in one batch: each row's next-byte logits equal its own full forward."""
   ids = random_ids(rng, 3, 12)
   lengths = jnp.array([12, 5, 9])
-  cache, logits, _ = prefill(model, ids, lengths, 16)
+  cache, logits = jitted(model, lambda m, ids, lengths: prefill(m, ids, lengths, 16)[:2])(ids, lengths)
   for row, length in enumerate([12, 5, 9]):
     own = forward(ids[row: row + 1, :length], jnp.ones((1, length), jnp.int32))
     assert_close(logits[row], own[0, -1], atol=2e-5)
   # Continue decoding one byte per row after the rollback: equal to the full forward on the extended row.
   nxt = jnp.array([[7], [8], [9]])
-  out, cache = model.decode(cache, nxt)
+  logits, _ = jitted(model, decode_logits)(cache, nxt)
   for row, length in enumerate([12, 5, 9]):
     extended = jnp.concatenate([ids[row: row + 1, :length], nxt[row: row + 1]], axis=1)
-    assert_close(out.logits_BxTxV[row, 0], forward(extended, jnp.ones_like(extended))[0, -1], atol=2e-5)
+    assert_close(logits[row, 0], forward(extended, jnp.ones_like(extended))[0, -1], atol=2e-5)
 
 
 def test_generate_reuses_its_compiled_sampler_and_reads_the_new_weights(tiny_config):
@@ -115,7 +130,8 @@ def test_scan_and_unrolled_layers_agree(rng):
   scanned = ByteLM(tiny_bytelm_config(), rngs=nnx.Rngs(5))
   unrolled = ByteLM(tiny_bytelm_config(scan_layers=False), rngs=nnx.Rngs(5))
   ids = random_ids(rng, 2, 9)
-  assert_close(unrolled(ids).logits_BxTxV, scanned(ids).logits_BxTxV, atol=1e-5)
+  logits = lambda m, ids: m(ids).logits_BxTxV  # noqa: E731
+  assert_close(jitted(unrolled, logits)(ids), jitted(scanned, logits)(ids), atol=1e-5)
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])
@@ -126,7 +142,7 @@ def test_remat_gives_identical_gradients(remat, rng):
     model = ByteLM(config, rngs=nnx.Rngs(7))
     graphdef, params = nnx.split(model, nnx.Param)
     loss = lambda p: jnp.mean(nnx.merge(graphdef, p)(ids).logits_BxTxV ** 2)
-    return jax.grad(loss)(params)
+    return jax.jit(jax.grad(loss))(params)
 
   base, remat_grads = grads(tiny_bytelm_config()), grads(tiny_bytelm_config(remat=remat))
   for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(remat_grads)):
@@ -170,7 +186,7 @@ def test_nul_bytes_are_trained(model):
     return f
 
   only_nul = jnp.array([[0, 1, 1, 0, 0]], jnp.float32)
-  value, grads = jax.value_and_grad(loss_at(only_nul))(params)
+  value, grads = jax.jit(jax.value_and_grad(loss_at(only_nul)))(params)
   assert float(value) > 0
   assert float(optax.tree.norm(grads)) > 0
   _, count = masked_cross_entropy(jnp.zeros((1, 5, vocab.VOCAB_SIZE)), targets, jnp.ones((1, 5)))

@@ -28,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 from bytescale import parallel
 from bytescale.models import build_model
+from conftest import background_result, subprocess_env
 from sharding_cases import LAYOUTS, MESH_SIZES, MODELS, model_config
 
 # What each layout should do with each logical name: mesh axes, or absent = whole on every device.
@@ -193,11 +194,9 @@ LOSS_TOL, PARAM_TOL = 2e-5, 5e-5  # float32 after 3 AdamW steps at lr 1e-2 (a fl
 
 
 def run_worker(out_dir, cases, *extra):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["JAX_PLATFORMS"] = "cpu"
   worker = os.path.join(os.path.dirname(__file__), "multidevice_worker.py")
   args = [sys.executable, worker, str(out_dir), *(a for case in cases for a in ("--case", case)), *extra]
-  proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=900)
+  proc = subprocess.run(args, capture_output=True, text=True, env=subprocess_env(), timeout=900)
   if proc.returncode != 0:
     raise AssertionError(f"8-device worker failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
   with open(os.path.join(out_dir, "results.json")) as f:
@@ -206,10 +205,17 @@ def run_worker(out_dir, cases, *extra):
   return results, arrays
 
 
+def run_quick_cases(out_dir):
+  return run_worker(out_dir, QUICK_CASES, "--sharded-init", SHARDED_INIT, "--checkpoint-from", CHECKPOINT_FROM,
+                    "--checkpoint-to", CHECKPOINT_TO)
+
+
+BACKGROUND = {"quick": run_quick_cases}  # started when the session starts (conftest)
+
+
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-  return run_worker(tmp_path_factory.mktemp("mesh8"), QUICK_CASES, "--sharded-init", SHARDED_INIT,
-                    "--checkpoint-from", CHECKPOINT_FROM, "--checkpoint-to", CHECKPOINT_TO)
+def quick(request):
+  return background_result(run_quick_cases, request)
 
 
 def check_matches_single_device(results, arrays, case):

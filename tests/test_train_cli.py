@@ -1,9 +1,13 @@
-"""The CLI contract, kill -9 / SIGTERM resume, and one-line errors for bad input."""
+"""The CLI contract, kill -9 / SIGTERM resume, and one-line errors for bad input.
+
+The contract tests read one shared run (``cli_run`` in conftest); the kill -9 test repeats its arguments, so that run
+is also the uninterrupted reference."""
 
 import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,12 +18,7 @@ import pytest
 
 from bytescale import cli
 from bytescale.train.metrics import read_jsonl
-
-TEXT = ("The quick brown fox jumps over the lazy dog.\x00 Every byte value counts.\n" * 400).encode()
-TINY = ["--set", "d_model=32", "--set", "num_layers=1", "--set", "mlp_hidden=64", "--set", "head_dim=8",
-        "--batch-size", "4", "--seq-len", "32", "--no-progress"]
-# The run the contract tests read: a learning rate at which 12 steps learn more than the byte frequencies.
-LEARN = ["--lr", "1e-2", "--set", "warmup_steps=2"]
+from conftest import CLI_RUN_STEPS, CLI_TEXT, CLI_TINY, run_cli, subprocess_env
 
 
 def unigram_bits(data: bytes) -> float:
@@ -30,23 +29,7 @@ def unigram_bits(data: bytes) -> float:
 
 
 # Uniform over the 260 ids is log2(260) = 8.02 bits; these bytes: 4.56. A trained model must beat the latter.
-TEXT_UNIGRAM_BITS = unigram_bits(TEXT)
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-  path = tmp_path_factory.mktemp("data") / "corpus.txt"
-  path.write_bytes(TEXT)
-  return str(path)
-
-
-def run_cli(*args, check=True, timeout=300):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run([sys.executable, "-m", "bytescale.cli", *args], capture_output=True, text=True, env=env,
-                        timeout=timeout)
-  if check and proc.returncode != 0:
-    raise AssertionError(f"exit {proc.returncode}\nstdout: {proc.stdout}\nstderr: {proc.stderr[-3000:]}")
-  return proc
+TEXT_UNIGRAM_BITS = unigram_bits(CLI_TEXT)
 
 
 def last_json_line(stdout: str) -> dict:
@@ -54,56 +37,48 @@ def last_json_line(stdout: str) -> dict:
   return json.loads(lines[-1])
 
 
-@pytest.fixture(scope="module")
-def trained_run(corpus_file, tmp_path_factory):
-  out = str(tmp_path_factory.mktemp("run"))
-  proc = run_cli("train", "--data", corpus_file, "--steps", "12", "--out", out, "--set", "log_every=1",
-                 "--set", "checkpoint_every=4", *TINY, *LEARN)
-  return out, proc
-
-
-def test_train_prints_one_json_line_with_the_contract_keys(trained_run):
-  out, proc = trained_run
-  summary = last_json_line(proc.stdout)
-  assert len([line for line in proc.stdout.splitlines() if line.strip()]) == 1
+def test_train_prints_one_json_line_with_the_contract_keys(cli_run):
+  out, steps = cli_run.out, CLI_RUN_STEPS
+  summary = last_json_line(cli_run.stdout)
+  assert len([line for line in cli_run.stdout.splitlines() if line.strip()]) == 1
   for key in ("model", "preset", "params", "steps", "train_bytes", "bytes_per_s", "val_bpb", "checkpoint"):
     assert key in summary, key
-  assert summary["model"] == "bytelm" and summary["steps"] == 12
-  assert summary["train_bytes"] == 12 * 4 * 32
+  assert summary["model"] == "bytelm" and summary["steps"] == steps
+  assert summary["train_bytes"] == steps * 4 * 32
   # Context was learned: below the best a context-free model can do on these bytes (untrained: about 8.5).
   assert 0 < summary["val_bpb"] < TEXT_UNIGRAM_BITS - 0.5 and summary["bytes_per_s"] > 0
-  assert os.path.isdir(os.path.join(out, "checkpoints", "12"))
+  assert os.path.isdir(os.path.join(out, "checkpoints", str(steps)))
   records = read_jsonl(os.path.join(out, "metrics.jsonl"))
-  assert [r["step"] for r in records] == list(range(1, 13))
+  assert [r["step"] for r in records] == list(range(1, steps + 1))
 
 
-def test_eval_and_generate_read_the_checkpoint(trained_run, corpus_file):
-  out, proc = trained_run
-  result = last_json_line(run_cli("eval", "--ckpt", out, "--data", corpus_file, "--max-bytes", "3000").stdout)
+def test_eval_and_generate_read_the_checkpoint(cli_run):
+  out = cli_run.out
+  result = last_json_line(run_cli("eval", "--ckpt", out, "--data", cli_run.corpus, "--max-bytes", "3000").stdout)
   # The trained weights were read back: on the same periodic text, eval scores what training's validation did.
   assert 0 < result["bpb"] < TEXT_UNIGRAM_BITS - 0.5
-  assert result["bpb"] == pytest.approx(last_json_line(proc.stdout)["val_bpb"], abs=0.05)
+  assert result["bpb"] == pytest.approx(last_json_line(cli_run.stdout)["val_bpb"], abs=0.05)
   assert result["bytes"] == 3000 + 1  # every byte plus the EOS; BOS is never a target
   gen = last_json_line(run_cli("generate", "--ckpt", out, "--prompt", "The ", "--max-bytes", "20", "--json",
                                "--temperature", "0").stdout)
   assert gen["prompt"] == "The " and gen["bytes"] <= 20
 
 
-def test_eval_strided_needs_a_megabyte_checkpoint(trained_run, corpus_file):
+def test_eval_strided_needs_a_megabyte_checkpoint(cli_run):
   """``--strided`` (MegaByte's strided inference) on a ByteLM checkpoint is one clear error line, status 2."""
-  out, _ = trained_run
-  proc = run_cli("eval", "--ckpt", out, "--data", corpus_file, "--max-bytes", "300", "--strided", "paper", check=False)
+  proc = run_cli("eval", "--ckpt", cli_run.out, "--data", cli_run.corpus, "--max-bytes", "300", "--strided", "paper",
+                 check=False)
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   error_lines = [line for line in proc.stderr.splitlines() if "error:" in line]
   assert len(error_lines) == 1 and "--strided" in error_lines[0] and "'bytelm'" in error_lines[0], proc.stderr
 
 
-def test_rerun_with_same_out_resumes(trained_run, corpus_file):
-  out, _ = trained_run
-  proc = run_cli("train", "--data", corpus_file, "--steps", "14", "--out", out, "--set", "log_every=1",
-                 "--set", "checkpoint_every=4", *TINY, *LEARN)
-  assert "resuming" in proc.stderr and "from step 12" in proc.stderr
-  assert last_json_line(proc.stdout)["steps"] == 14
+def test_rerun_with_same_out_resumes(cli_run, tmp_path):
+  out = str(tmp_path / "run")
+  shutil.copytree(cli_run.out, out)  # the shared run stays as it was for the other tests
+  proc = run_cli(*cli_run.train_args(out, steps=CLI_RUN_STEPS + 2))
+  assert "resuming" in proc.stderr and f"from step {CLI_RUN_STEPS}" in proc.stderr
+  assert last_json_line(proc.stdout)["steps"] == CLI_RUN_STEPS + 2
 
 
 def wait_for_step(metrics_path, step, proc, timeout=240):
@@ -119,12 +94,9 @@ def wait_for_step(metrics_path, step, proc, timeout=240):
   raise AssertionError("training did not reach the step in time")
 
 
-def start_training(corpus_file, out, steps):
-  args = ["train", "--data", corpus_file, "--steps", str(steps), "--out", out, "--set", "log_every=1",
-          "--set", "checkpoint_every=3", *TINY]
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+def start_cli(*args):
   return subprocess.Popen([sys.executable, "-m", "bytescale.cli", *args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, env=env), args
+                          stderr=subprocess.PIPE, text=True, env=subprocess_env())
 
 
 def losses_by_step(path):
@@ -134,12 +106,11 @@ def losses_by_step(path):
   return losses
 
 
-def test_kill_9_then_resume_equals_uninterrupted_run(corpus_file, tmp_path):
-  steps = 24
-  reference_out, killed_out = str(tmp_path / "reference"), str(tmp_path / "killed")
-  run_cli("train", "--data", corpus_file, "--steps", str(steps), "--out", reference_out, "--set", "log_every=1",
-          "--set", "checkpoint_every=3", *TINY)
-  proc, args = start_training(corpus_file, killed_out, steps)
+def test_kill_9_then_resume_equals_uninterrupted_run(cli_run, tmp_path):
+  """The killed run repeats the shared run's arguments (checkpoints every 4 steps): the shared run is the reference."""
+  steps, reference_out, killed_out = CLI_RUN_STEPS, cli_run.out, str(tmp_path / "killed")
+  args = cli_run.train_args(killed_out)
+  proc = start_cli(*args)
   reached = wait_for_step(os.path.join(killed_out, "metrics.jsonl"), 7, proc)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -153,9 +124,10 @@ def test_kill_9_then_resume_equals_uninterrupted_run(corpus_file, tmp_path):
     assert killed[step] == reference[step], (step, killed[step], reference[step])
 
 
-def test_sigterm_saves_and_exits_cleanly(corpus_file, tmp_path):
+def test_sigterm_saves_and_exits_cleanly(cli_run, tmp_path):
   out = str(tmp_path / "term")
-  proc, _ = start_training(corpus_file, out, 500)
+  proc = start_cli("train", "--data", cli_run.corpus, "--steps", "500", "--out", out, "--set", "log_every=1",
+                   "--set", "checkpoint_every=3", *CLI_TINY)
   wait_for_step(os.path.join(out, "metrics.jsonl"), 2, proc)
   proc.send_signal(signal.SIGTERM)
   stdout, stderr = proc.communicate(timeout=120)
@@ -177,24 +149,27 @@ def test_sigterm_saves_and_exits_cleanly(corpus_file, tmp_path):
         (["eval", "--ckpt", "/no/such/run", "--data", "stdlib"], "no checkpoint"),
     ],
 )
-def test_bad_input_gets_one_clear_line(args, message, tmp_path):
+def test_bad_input_gets_one_clear_line(args, message, tmp_path, capsys):
+  """Through ``cli.main`` in this process (the subprocess entry point's status 2 is checked by the --strided test):
+  an exception escaping ``main`` would fail the test with its traceback."""
   extra = ["--out", str(tmp_path / "x")] if args[0] == "train" else []
-  proc = run_cli(*args, *extra, check=False)
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  assert "Traceback" not in proc.stderr
-  error_lines = [line for line in proc.stderr.splitlines() if "error:" in line]
-  assert len(error_lines) == 1 and message in error_lines[0], proc.stderr[-2000:]
+  status = cli.main([*args, *extra])
+  stderr = capsys.readouterr().err
+  assert status == 2, stderr[-2000:]
+  assert "Traceback" not in stderr
+  error_lines = [line for line in stderr.splitlines() if "error:" in line]
+  assert len(error_lines) == 1 and message in error_lines[0], stderr[-2000:]
 
 
-def test_empty_file_and_too_small_corpus(tmp_path):
+def test_empty_file_and_too_small_corpus(tmp_path, capsys):
   empty = tmp_path / "empty.txt"
   empty.write_bytes(b"")
-  proc = run_cli("train", "--data", str(empty), "--out", str(tmp_path / "a"), check=False)
-  assert proc.returncode == 2 and "empty" in proc.stderr.lower()
+  status = cli.main(["train", "--data", str(empty), "--out", str(tmp_path / "a")])
+  assert status == 2 and "empty" in capsys.readouterr().err.lower()
   small = tmp_path / "small.txt"
   small.write_bytes(b"abc")
-  proc = run_cli("train", "--data", str(small), "--out", str(tmp_path / "b"), check=False)
-  assert proc.returncode == 2 and "seq" in proc.stderr.lower()
+  status = cli.main(["train", "--data", str(small), "--out", str(tmp_path / "b")])
+  assert status == 2 and "seq" in capsys.readouterr().err.lower()
 
 
 def subcommand_parser(command):

@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import tiny_bytelm_config
+from conftest import CLI_RUN_STEPS, CLI_TINY, subprocess_env, tiny_bytelm_config
 from flax import nnx
 
 from bytescale import cli, configs, parallel
@@ -173,24 +173,17 @@ def test_set_init_from_reaches_the_train_config():
   assert train_cfg.init_from == "/some/run"
 
 
-def test_cli_init_from_end_to_end_onto_a_sharded_mesh(data, tmp_path):
-  """Train 5 steps on one device, then 5 more from it in a new directory on a 2-device fsdp mesh."""
-  data_config, _ = data
-  tiny = ["--data", data_config.source, "--set", "d_model=32", "--set", "num_layers=1", "--set", "mlp_hidden=64",
-          "--set", "head_dim=8", "--batch-size", "4", "--seq-len", str(SEQ_LEN), "--no-progress", "--steps", "5",
-          "--set", "log_every=1"]
-
-  def run(*args, devices):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    proc = subprocess.run([sys.executable, "-m", "bytescale.cli", "train", *tiny, *args], capture_output=True,
-                          text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
-
-  first, second = str(tmp_path / "first"), str(tmp_path / "second")
-  run("--out", first, devices=1)
-  summary, stderr = run("--out", second, "--init-from", first, "--mesh", "data=1,fsdp=2", devices=2)
-  assert summary["init_from"] == {"path": os.path.join(first, "checkpoints"), "step": 5}
+def test_cli_init_from_end_to_end_onto_a_sharded_mesh(cli_run, tmp_path):
+  """The shared one-device CLI run (conftest ``cli_run``), then 5 steps from it in a new directory on a 2-device
+  fsdp mesh, on the same data with the same batch shape."""
+  first, second = cli_run.out, str(tmp_path / "second")
+  args = ["train", "--data", cli_run.corpus, "--steps", "5", "--set", "log_every=1", *CLI_TINY, "--out", second,
+          "--init-from", first, "--mesh", "data=1,fsdp=2"]
+  proc = subprocess.run([sys.executable, "-m", "bytescale.cli", *args], capture_output=True, text=True,
+                        env=subprocess_env(devices=2), timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary, stderr = json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+  assert summary["init_from"] == {"path": os.path.join(first, "checkpoints"), "step": CLI_RUN_STEPS}
   assert summary["steps"] == 5 and summary["mesh"] == "data=1,fsdp=2,tensor=1" and "warm start" in stderr
   fresh, warm = (read_jsonl(os.path.join(d, "metrics.jsonl"))[0]["loss"] for d in (first, second))
   assert abs(warm - fresh) > 1e-3  # the same first batch (same seed): the warm run starts from trained weights
