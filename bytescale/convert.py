@@ -34,7 +34,6 @@ from flax import nnx
 from bytescale import configs, vocab
 from bytescale.configs import ByteLMConfig, ConfigError, TransformerConfig
 from bytescale.models.blt import BLT, BLTConfig
-from bytescale.models.bytelm import ByteLM  # noqa: F401  (the entropy model's type, for readers)
 from bytescale.ops.rope import RopeConfig
 from bytescale.patching import PatchingConfig
 
@@ -319,7 +318,7 @@ def _cross_rules(ours: str, hf: str, s: TransformerConfig, every_layer: bool) ->
 def weight_rules(config: BLTConfig) -> list[_Rule]:
   """Every variable of ``BLT(config)`` and the transformers tensor(s) it comes from."""
   c = config
-  q, d_e, d_g, d_d = c.queries_per_patch, c.encoder.d_model, c.global_stack.d_model, c.decoder.d_model
+  q, d_e, d_d = c.queries_per_patch, c.encoder.d_model, c.decoder.d_model
   rules = [
       _Rule("byte_embed.table", "model.local_encoder.embed_tokens.weight", *_vocab_rows()),
       _Rule("hash_table", "model.encoder_hash_tok_embedding.weight", *_same()),
@@ -334,7 +333,6 @@ def weight_rules(config: BLTConfig) -> list[_Rule]:
   if c.project_global_input:
     rules.append(_Rule("global_in", "model.global_transformer.token_embedding_projection.weight",
                        *_split_in(q, d_e)))
-  del d_g
   rules += _stack_rules("encoder", "model.local_encoder", c.encoder)
   rules += _stack_rules("global_stack", "model.global_transformer", c.global_stack)
   rules += _stack_rules("decoder", "model.local_decoder", c.decoder)
@@ -397,16 +395,18 @@ class _TensorFiles:
 
 def _variables_like(config: BLTConfig) -> dict[str, jax.ShapeDtypeStruct]:
   """Our variable names -> abstract arrays (no memory), for shape checks and placement."""
-  abstract = nnx.eval_shape(lambda: BLT(config, rngs=nnx.Rngs(0)))
-  return {name: value for name, value in _flat_state(nnx.state(abstract)).items()}
+  return _flat_state(nnx.state(nnx.eval_shape(lambda: BLT(config, rngs=nnx.Rngs(0)))))
+
+
+def _path_name(path) -> str:
+  """``encoder.blocks.attention.wq``: a state path as the variable names this module uses."""
+  return ".".join(str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path)
 
 
 def _flat_state(state) -> dict:
-  flat = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
-    names = [str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path]
-    flat[".".join(names)] = leaf
-  return flat
+  """Variable name -> ``nnx.Variable`` of a model state."""
+  is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+  return {_path_name(path): leaf for path, leaf in jax.tree_util.tree_flatten_with_path(state, is_leaf=is_variable)[0]}
 
 
 def from_hf(directory: str, *, place=None) -> tuple[BLTConfig, dict]:
@@ -503,14 +503,13 @@ class _atomic_directory:
 
 # --- Models and run directories -----------------------------------------------------------------------------
 
-def _state_with(config: BLTConfig, params: dict, shardings: dict | None = None):
+def _state_with(config: BLTConfig, params: dict):
   """A ``BLT`` whose variables are ``params`` (already placed arrays are kept where they are)."""
   abstract = nnx.eval_shape(lambda: BLT(config, rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
 
   def fill(path, leaf):
-    names = [str(getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))) for key in path]
-    return leaf.replace(params[".".join(names)])
+    return leaf.replace(params[_path_name(path)])
 
   state = jax.tree_util.tree_map_with_path(fill, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return nnx.merge(graphdef, state)
