@@ -69,6 +69,22 @@ def measured_matmul_peak(dtype=None, size: int | None = None) -> float:
   return 2 * size**3 / seconds
 
 
+def corpus_bytes(path: str):
+  """The corpus file as uint8 (numpy only: the PyTorch peers' workers use it too)."""
+  import numpy as np
+
+  with open(path, "rb") as f:
+    return np.frombuffer(f.read(), dtype=np.uint8)
+
+
+def random_windows(data, rng, count: int, length: int):
+  """``count`` windows of ``length`` bytes at random offsets of ``data``, int64 ``count x length``."""
+  import numpy as np
+
+  starts = rng.integers(0, len(data) - length, size=count)
+  return np.stack([data[s:s + length] for s in starts]).astype(np.int64)
+
+
 def write_section(path: str, title: str, body: str):
   """Replaces (or appends) the section ``## title`` of a markdown results file."""
   text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"

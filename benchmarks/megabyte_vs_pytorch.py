@@ -39,26 +39,12 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import DEFAULT_CORPUS, LineWorker  # noqa: E402  (no jax: peer workers import it too)
+from common import DEFAULT_CORPUS, LineWorker, corpus_bytes, random_windows  # noqa: E402  (no jax: peer workers import it too)
 RESULTS = os.path.join(HERE, "RESULTS_megabyte.md")
 DEFAULT_PEER_PYTHON = "/tmp/bytescale-peer-venv/bin/python"
 DIMS, DEPTHS, HEADS, DIM_HEAD, PATCH, PATCHES, BATCH = (512, 256), (6, 4), 8, 64, 8, 128, 4
 SEQ_LEN = PATCH * PATCHES
 PROMPT_BYTES, GENERATE_BYTES = 512, 512
-
-
-def corpus_bytes(path: str):
-  import numpy as np
-
-  with open(path, "rb") as f:
-    return np.frombuffer(f.read(), dtype=np.uint8)
-
-
-def random_windows(data, rng, count: int, length: int):
-  import numpy as np
-
-  starts = rng.integers(0, len(data) - length, size=count)
-  return np.stack([data[s:s + length] for s in starts]).astype(np.int64)
 
 
 # --- Workers: each reads one JSON command per line on stdin and answers one JSON line on stdout ---------------

@@ -49,7 +49,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import DEFAULT_CORPUS, LineWorker, cpu_description  # noqa: E402  (no jax here: peer workers import this file)
+from common import DEFAULT_CORPUS, LineWorker, corpus_bytes, cpu_description, random_windows  # noqa: E402  (no jax here: peer workers import this file)
 
 RESULTS = os.path.join(HERE, "RESULTS_vs_pytorch.md")
 DEFAULT_PEER_PYTHON = "/tmp/bytescale-peer-venv/bin/python"
@@ -76,20 +76,6 @@ ADAMW = dict(lr=3e-4, b1=0.9, b2=0.95, weight_decay=0.1, clip=1.0)
 
 
 # --- Data and patches (numpy only: both venvs run this) --------------------------------------------------------
-
-def corpus_bytes(path: str):
-  import numpy as np
-
-  with open(path, "rb") as f:
-    return np.frombuffer(f.read(), dtype=np.uint8)
-
-
-def random_windows(data, rng, count: int, length: int):
-  import numpy as np
-
-  starts = rng.integers(0, len(data) - length, size=count)
-  return np.stack([data[s:s + length] for s in starts]).astype(np.int64)
-
 
 def prompts(data, batch: int, with_bos: bool):
   """``batch`` prompts of PROMPT_BYTES corpus bytes (different text per row), BOS first if ``with_bos``."""
