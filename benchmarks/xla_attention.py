@@ -65,17 +65,19 @@ def attention_rows(args):
   for name, b, t, h, g, k, window in SHAPES[: 2 if args.quick else None]:
     rng = np.random.default_rng(0)
     q, kk, v = (jnp.asarray(rng.normal(size=(b, t, n, k)), jnp.float32) for n in (h, g, g))
-    mask = AttentionMask.packed_row(packed_segments(rng, b, t), window=window)
+    segments = packed_segments(rng, b, t)
+    # The segment ids are an argument, as in training (a mask closed over is a constant XLA folds at compile time).
+    mask_of = lambda segments: AttentionMask.packed_row(segments, window=window)  # noqa: E731
     paths = {"dense": attention_ops.attention_reference, "blocked": attention_ops.blocked_packed_attention}
     fns = {}
     for path, fn in paths.items():
-      fns[(path, "fwd")] = jax.jit(lambda q, k, v, fn=fn: fn(q, k, v, mask))
-      fns[(path, "fwd+bwd")] = jax.jit(jax.grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v, mask) ** 2),
+      fns[(path, "fwd")] = jax.jit(lambda q, k, v, s, fn=fn: fn(q, k, v, mask_of(s)))
+      fns[(path, "fwd+bwd")] = jax.jit(jax.grad(lambda q, k, v, s, fn=fn: jnp.sum(fn(q, k, v, mask_of(s)) ** 2),
                                                 argnums=(0, 1, 2)))
     times = {key: [] for key in fns}
     for _ in range(args.rounds):  # alternate the paths, round by round
       for key, fn in fns.items():
-        times[key].append(timed(fn, q, kk, v, repeats=args.repeats))
+        times[key].append(timed(fn, q, kk, v, segments, repeats=args.repeats))
     for kind in ("fwd", "fwd+bwd"):
       dense, blocked = (statistics.median(times[(p, kind)]) * 1e3 for p in ("dense", "blocked"))
       rows.append(f"| {name} | {b}x{t}x{h}/{g}x{k} | {kind} | {dense:,.1f} | {blocked:,.1f} | "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -20,6 +22,20 @@ def param(rngs: nnx.Rngs, init, shape, names: tuple[str, ...]) -> nnx.Param:
 
 def scaled_normal(fan_in: int):
   return jax.nn.initializers.normal(stddev=fan_in**-0.5)
+
+
+def dense(x, w, *, contract: int = 1):
+  """``x`` (``...`` then ``w.shape[:contract]``) times ``w``: ``...`` then ``w.shape[contract:]``, as one 2-D matmul.
+
+  Leading axes are merged and weight axes flattened first because XLA:CPU lays out the gradients of batched
+  einsums (``btd,df->btf``) through slow transposes: a SwiGLU MLP forward and backward ran 2x slower that way.
+  """
+  k = math.prod(w.shape[:contract])
+  lead = x.shape[:x.ndim - contract]
+  if x.shape[x.ndim - contract:] != w.shape[:contract]:
+    raise ValueError(f"dense: input axes {x.shape[x.ndim - contract:]} do not match weight axes {w.shape[:contract]}")
+  out = jnp.reshape(x, (-1, k)) @ jnp.reshape(w, (k, -1))
+  return out.reshape(*lead, *w.shape[contract:])
 
 
 def rms_norm(x, scale, eps: float):
@@ -49,9 +65,9 @@ class SwiGLU(nnx.Module):
 
   def __call__(self, x_BxTxD):
     x = x_BxTxD.astype(self.dtype)
-    gate = jnp.einsum("btd,df->btf", x, self.w_gate[...].astype(self.dtype))
-    up = jnp.einsum("btd,df->btf", x, self.w_up[...].astype(self.dtype))
-    return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.w_down[...].astype(self.dtype))
+    gate = dense(x, self.w_gate[...].astype(self.dtype))
+    up = dense(x, self.w_up[...].astype(self.dtype))
+    return dense(jax.nn.silu(gate) * up, self.w_down[...].astype(self.dtype))
 
 
 class Embedding(nnx.Module):
@@ -64,7 +80,7 @@ class Embedding(nnx.Module):
     return jnp.take(self.table[...], ids, axis=0)
 
   def attend(self, x_BxTxD):
-    return jnp.einsum("btd,vd->btv", x_BxTxD, self.table[...].astype(x_BxTxD.dtype))
+    return dense(x_BxTxD, self.table[...].astype(x_BxTxD.dtype).T)
 
 
 def unembed(norm: RMSNorm, hidden_BxTxD, *, kernel_DxV=None, embedding: Embedding | None = None):
@@ -73,4 +89,4 @@ def unembed(norm: RMSNorm, hidden_BxTxD, *, kernel_DxV=None, embedding: Embeddin
   h = norm(hidden_BxTxD)
   if embedding is not None:
     return embedding.attend(h.astype(jnp.float32))
-  return jnp.einsum("btd,dv->btv", h, kernel_DxV[...].astype(h.dtype)).astype(jnp.float32)
+  return dense(h, kernel_DxV[...].astype(h.dtype)).astype(jnp.float32)

@@ -13,7 +13,8 @@ Shapes: q ``BxTxHxK``, k/v ``BxSxGxK`` with ``H % G == 0`` (grouped KV heads).
 
 from __future__ import annotations
 
-from typing import Literal
+import functools
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -63,60 +64,175 @@ def blocked_packed_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, mask: AttentionMas
   """Causal (optionally windowed) self-attention over packed rows without the ``TxT`` score matrix: plain jnp,
   an online softmax over the diagonals of ``C x C`` blocks, skipping the blocks the mask hides by construction.
 
-  Needs ``mask.packed`` (``AttentionMask.packed_row``): a visible key then lies at most ``window - 1`` indices
-  before its query and never after it, so query block ``i`` reads only key blocks ``i - d`` for
-  ``d <= (window + C - 2) // C`` (every ``d <= i`` without a window): causal attention does about half the work of
-  the dense path, a window of ``W`` about ``T * (W + C)`` instead of ``T * T``. Inside the blocks the mask is
-  applied exactly, so the result equals :func:`attention_reference` (to float rounding; fully masked rows give
-  zeros).
+  Needs ``mask.packed`` (``AttentionMask.packed_row``): a document is a contiguous run and positions count from 0
+  along it, so the keys query ``i`` sees are one interval, ``max(i - position_i, i - window + 1) <= j <= i`` (none
+  for padding). Query block ``i`` then reads only key blocks ``i - d`` for ``d <= (window + C - 2) // C`` (every
+  ``d <= i`` without a window): causal attention does about half the work of the dense path, a window of ``W``
+  about ``T * (W + C)`` instead of ``T * T``; and the mask inside a block is two integer comparisons per score.
+  The result equals :func:`attention_reference` (to float rounding; fully masked rows give zeros).
+
+  Blocks are laid out block-major (``NxBxGx(R*C)xK``) so every diagonal is a contiguous slice and every matmul
+  reads its operands without transposes. The gradient is FlashAttention-2's: the forward pass keeps the output and
+  each query's log-sum-exp, and the backward pass recomputes the probabilities block by block (autodiff through
+  the loop kept every block's intermediates).
   """
   check_shapes(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, mask)
   if not mask.packed or q_BxTxHxK.shape[1] != k_BxTxGxK.shape[1]:
     raise ValueError("blocked_packed_attention needs a packed self-attention mask (AttentionMask.packed_row)")
+  t, kd = q_BxTxHxK.shape[1], q_BxTxHxK.shape[3]
+  layout = _BlockLayout(block or packed_block_size(t, mask.window), kd**-0.5 if scale is None else scale, mask.window)
+  first_BxT = _first_visible_key(mask.q_positions_BxT, mask.q_segments_or_ones(), mask.window)
+  return _blocked_attention(layout, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT)
+
+
+class _BlockLayout(NamedTuple):
+  """The static part of :func:`blocked_packed_attention`: block length, score scale, window."""
+  block: int
+  scale: float
+  window: int | None
+
+
+def _first_visible_key(positions_BxT, segment_ids_BxT, window: int | None):
+  """Per query of a packed row, the index of the first key it sees (its document's start, or the window's);
+  past the row's end for padding, which sees nothing."""
+  t = positions_BxT.shape[1]
+  index_T = jnp.arange(t, dtype=jnp.int32)
+  first_BxT = index_T - positions_BxT.astype(jnp.int32)
+  if window is not None:
+    first_BxT = jnp.maximum(first_BxT, index_T - window + 1)
+  return jnp.where(segment_ids_BxT != 0, first_BxT, 2 * t)
+
+
+def _block_major(x_BxTx, c: int):
+  """``BxTx...`` -> ``NxBxCx...`` (the row padded to ``N * C``)."""
+  b, t = x_BxTx.shape[:2]
+  n = -(-t // c)
+  x = jnp.pad(x_BxTx, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x_BxTx.ndim - 2))
+  return jnp.moveaxis(x.reshape(b, n, c, *x_BxTx.shape[2:]), 1, 0)
+
+
+def _query_blocks(x_BxTxHxK, g: int, c: int):
+  """Queries (or their gradients) ``BxTxHxK`` -> ``NxBxGxXxK``, ``X = R * C`` rows per kv head (``H = G * R``)."""
+  b, _, h, kd = x_BxTxHxK.shape
+  x = _block_major(x_BxTxHxK, c)
+  n = x.shape[0]
+  return x.reshape(n, b, c, g, h // g, kd).transpose(0, 1, 3, 4, 2, 5).reshape(n, b, g, h // g * c, kd)
+
+
+def _from_query_blocks(x_NxBxGxXxK, t: int, c: int):
+  n, b, g, x, kd = x_NxBxGxXxK.shape
+  r = x // c
+  return x_NxBxGxXxK.reshape(n, b, g, r, c, kd).transpose(1, 0, 4, 2, 3, 5).reshape(b, n * c, g * r, kd)[:, :t]
+
+
+def _key_blocks(x_BxTxGxK, c: int):
+  """Keys or values ``BxTxGxK`` -> ``NxBxGxCxK``."""
+  return _block_major(x_BxTxGxK, c).transpose(0, 1, 3, 2, 4)
+
+
+def _from_key_blocks(x_NxBxGxCxK, t: int):
+  n, b, g, c, kd = x_NxBxGxCxK.shape
+  return x_NxBxGxCxK.transpose(1, 0, 3, 2, 4).reshape(b, n * c, g, kd)[:, :t]
+
+
+def _diagonals(layout: _BlockLayout, first_NxBxC, r: int):
+  """Per block diagonal ``d`` (query blocks ``d..N-1`` against key blocks ``0..N-1-d``) the visibility
+  ``MxBx1xXxC`` of its ``M = N - d`` block pairs, for every diagonal the mask can reach: key ``j`` of the pair
+  is visible iff ``first <= j <= query index``."""
+  n, b, c = first_NxBxC.shape
+  max_d = n - 1 if layout.window is None else min(n - 1, (layout.window + c - 2) // c)
+  key_C = jnp.arange(c, dtype=jnp.int32)
+  causal_XxC = jnp.tile(key_C[None, :] <= key_C[:, None], (r, 1))
+  for d in range(max_d + 1):
+    # The first visible key as an offset into the key block (a - d) of query block a.
+    first_MxBxC = first_NxBxC[d:] - (jnp.arange(n - d, dtype=jnp.int32) * c)[:, None, None]
+    first_MxBx1xX = jnp.tile(first_MxBxC, (1, 1, r))[:, :, None, :]
+    visible = key_C >= first_MxBx1xX[..., None]
+    if d == 0:  # the only diagonal where a key can come after its query
+      visible &= causal_XxC
+    yield d, visible
+
+
+def _blocked_forward(layout: _BlockLayout, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT):
+  """Output ``BxTxHxK`` and each query's log-sum-exp ``NxBxGxX`` (0 where it sees no key)."""
   b, t, h, kd = q_BxTxHxK.shape
   g = k_BxTxGxK.shape[2]
-  r = h // g
-  c = block or packed_block_size(t, mask.window)
+  r, c = h // g, layout.block
   n = -(-t // c)
-  scale = kd**-0.5 if scale is None else scale
   acc_dtype = jnp.promote_types(q_BxTxHxK.dtype, jnp.float32)
+  q_NxBxGxXxK = _query_blocks(q_BxTxHxK, g, c)
+  k_NxBxGxCxK, v_NxBxGxCxK = _key_blocks(k_BxTxGxK, c), _key_blocks(v_BxTxGxK, c)
 
-  def blocks(x, fill=0):  # BxTx... -> BxNxCx... (padding: segment 0, seen by nothing)
-    x = jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
-    return x.reshape(b, n, c, *x.shape[2:])
-
-  q_BxNxCxGxRxK = blocks(q_BxTxHxK).reshape(b, n, c, g, r, kd)
-  k_BxNxCxGxK, v_BxNxCxGxK = blocks(k_BxTxGxK), blocks(v_BxTxGxK)
-  pos_BxNxC, seg_BxNxC = blocks(mask.q_positions_BxT), blocks(mask.q_segments_or_ones())
-  max_d = n - 1 if mask.window is None else min(n - 1, (mask.window + c - 2) // c)
-
-  m_BxNxGxRxC = jnp.full((b, n, g, r, c), -jnp.inf, acc_dtype)  # running max, sum and weighted values per query
-  l_BxNxGxRxC = jnp.zeros((b, n, g, r, c), acc_dtype)
-  acc_BxNxGxRxCxK = jnp.zeros((b, n, g, r, c, kd), acc_dtype)
-  for d in range(max_d + 1):  # query blocks d.. against key blocks ..n-1-d
-    q_pos, k_pos = pos_BxNxC[:, d:, :, None], pos_BxNxC[:, :n - d, None, :]
-    q_seg, k_seg = seg_BxNxC[:, d:, :, None], seg_BxNxC[:, :n - d, None, :]
-    visible = (q_seg == k_seg) & (k_seg != 0) & (k_pos <= q_pos)
-    if mask.window is not None:
-      visible &= q_pos - k_pos < mask.window
-    visible = visible[:, :, None, None]  # BxMx1x1xCxC over the M = n - d block pairs
-    scores = jnp.einsum("bmagrk,bmsgk->bmgras", q_BxNxCxGxRxK[:, d:], k_BxNxCxGxK[:, :n - d],
-                        preferred_element_type=acc_dtype) * scale
+  m_NxBxGxX = jnp.full((n, b, g, r * c), -jnp.inf, acc_dtype)  # running max, sum and weighted values per query
+  l_NxBxGxX = jnp.zeros((n, b, g, r * c), acc_dtype)
+  acc_NxBxGxXxK = jnp.zeros((n, b, g, r * c, kd), acc_dtype)
+  for d, visible in _diagonals(layout, _block_major(first_BxT, c), r):
+    scores = jnp.einsum("mbgxk,mbgsk->mbgxs", q_NxBxGxXxK[d:], k_NxBxGxCxK[:n - d],
+                        preferred_element_type=acc_dtype) * layout.scale
     scores = jnp.where(visible, scores, -jnp.inf)
-    m_old = m_BxNxGxRxC[:, d:]
-    # The max only keeps exp() in range: it cancels in the softmax, so no gradient is taken through it.
-    m_new = jax.lax.stop_gradient(jnp.maximum(m_old, jnp.max(scores, axis=-1)))
+    m_old = m_NxBxGxX[d:]
+    m_new = jnp.maximum(m_old, jnp.max(scores, axis=-1))
     m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
     weights = jnp.where(visible, jnp.exp(scores - m_safe[..., None]), 0.0)
     rescale = jnp.where(jnp.isfinite(m_old), jnp.exp(m_old - m_safe), 0.0)
-    l_BxNxGxRxC = l_BxNxGxRxC.at[:, d:].set(l_BxNxGxRxC[:, d:] * rescale + jnp.sum(weights, axis=-1))
-    weighted = jnp.einsum("bmgras,bmsgk->bmgrak", weights.astype(v_BxTxGxK.dtype), v_BxNxCxGxK[:, :n - d],
+    l_NxBxGxX = l_NxBxGxX.at[d:].set(l_NxBxGxX[d:] * rescale + jnp.sum(weights, axis=-1))
+    weighted = jnp.einsum("mbgxs,mbgsk->mbgxk", weights.astype(v_BxTxGxK.dtype), v_NxBxGxCxK[:n - d],
                           preferred_element_type=acc_dtype)
-    acc_BxNxGxRxCxK = acc_BxNxGxRxCxK.at[:, d:].set(acc_BxNxGxRxCxK[:, d:] * rescale[..., None] + weighted)
-    m_BxNxGxRxC = m_BxNxGxRxC.at[:, d:].set(m_new)
-  out = acc_BxNxGxRxCxK / jnp.where(l_BxNxGxRxC == 0, 1.0, l_BxNxGxRxC)[..., None]
-  out_BxTxHxK = out.transpose(0, 1, 4, 2, 3, 5).reshape(b, n * c, h, kd)[:, :t]
-  return out_BxTxHxK.astype(q_BxTxHxK.dtype)
+    acc_NxBxGxXxK = acc_NxBxGxXxK.at[d:].set(acc_NxBxGxXxK[d:] * rescale[..., None] + weighted)
+    m_NxBxGxX = m_NxBxGxX.at[d:].set(m_new)
+  seen = l_NxBxGxX > 0
+  out = acc_NxBxGxXxK / jnp.where(seen, l_NxBxGxX, 1.0)[..., None]
+  lse_NxBxGxX = jnp.where(seen, m_NxBxGxX + jnp.log(jnp.where(seen, l_NxBxGxX, 1.0)), 0.0)
+  return _from_query_blocks(out, t, c).astype(q_BxTxHxK.dtype), lse_NxBxGxX
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _blocked_attention(layout, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT):
+  return _blocked_forward(layout, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT)[0]
+
+
+def _blocked_attention_fwd(layout, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT):
+  out_BxTxHxK, lse_NxBxGxX = _blocked_forward(layout, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT)
+  return out_BxTxHxK, (q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT, out_BxTxHxK, lse_NxBxGxX)
+
+
+def _blocked_attention_bwd(layout, residuals, dout_BxTxHxK):
+  """dV = P^T dO, dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K, dK = dS^T Q, with P = exp(S - lse) recomputed
+  per block pair."""
+  q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT, out_BxTxHxK, lse_NxBxGxX = residuals
+  t, h = q_BxTxHxK.shape[1:3]
+  g = k_BxTxGxK.shape[2]
+  r, c = h // g, layout.block
+  n = -(-t // c)
+  acc_dtype = lse_NxBxGxX.dtype
+  q_NxBxGxXxK, do_NxBxGxXxK = _query_blocks(q_BxTxHxK, g, c), _query_blocks(dout_BxTxHxK, g, c)
+  k_NxBxGxCxK, v_NxBxGxCxK = _key_blocks(k_BxTxGxK, c), _key_blocks(v_BxTxGxK, c)
+  # rowsum(dO * O): the softmax Jacobian's correction term, one per query.
+  delta_BxTxHx1 = jnp.sum(dout_BxTxHxK.astype(acc_dtype) * out_BxTxHxK.astype(acc_dtype), axis=-1, keepdims=True)
+  delta_NxBxGxX = _query_blocks(delta_BxTxHx1, g, c)[..., 0]
+
+  dq_NxBxGxXxK = jnp.zeros(q_NxBxGxXxK.shape, acc_dtype)
+  dk_NxBxGxCxK = jnp.zeros(k_NxBxGxCxK.shape, acc_dtype)
+  dv_NxBxGxCxK = jnp.zeros(v_NxBxGxCxK.shape, acc_dtype)
+  for d, visible in _diagonals(layout, _block_major(first_BxT, c), r):
+    q, do = q_NxBxGxXxK[d:], do_NxBxGxXxK[d:]
+    k, v = k_NxBxGxCxK[:n - d], v_NxBxGxCxK[:n - d]
+    scores = jnp.einsum("mbgxk,mbgsk->mbgxs", q, k, preferred_element_type=acc_dtype) * layout.scale
+    probs = jnp.where(visible, jnp.exp(scores - lse_NxBxGxX[d:, ..., None]), 0.0)
+    dv_NxBxGxCxK = dv_NxBxGxCxK.at[:n - d].add(
+        jnp.einsum("mbgxs,mbgxk->mbgsk", probs.astype(do.dtype), do, preferred_element_type=acc_dtype))
+    dprobs = jnp.einsum("mbgxk,mbgsk->mbgxs", do, v, preferred_element_type=acc_dtype)
+    dscores = (probs * (dprobs - delta_NxBxGxX[d:, ..., None]) * layout.scale).astype(q.dtype)
+    dq_NxBxGxXxK = dq_NxBxGxXxK.at[d:].add(
+        jnp.einsum("mbgxs,mbgsk->mbgxk", dscores, k, preferred_element_type=acc_dtype))
+    dk_NxBxGxCxK = dk_NxBxGxCxK.at[:n - d].add(
+        jnp.einsum("mbgxs,mbgxk->mbgsk", dscores, q, preferred_element_type=acc_dtype))
+  return (_from_query_blocks(dq_NxBxGxXxK, t, c).astype(q_BxTxHxK.dtype),
+          _from_key_blocks(dk_NxBxGxCxK, t).astype(k_BxTxGxK.dtype),
+          _from_key_blocks(dv_NxBxGxCxK, t).astype(v_BxTxGxK.dtype), None)
+
+
+_blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 
 
 def segment_local_attention(q_BxNxHxK, k_BxTxHxK, v_BxTxHxK, mask: AttentionMask, *, scale: float | None = None):
