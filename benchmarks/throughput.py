@@ -27,10 +27,11 @@ from bytescale import configs  # noqa: E402
 from bytescale.configs import TrainConfig  # noqa: E402
 from bytescale import patching  # noqa: E402
 from bytescale.data.pipeline import ByteCorpus, DataConfig, eval_batches  # noqa: E402
-from bytescale.flops import flops_per_byte  # noqa: E402
+from bytescale.models.registry import flops_per_byte  # noqa: E402
 from bytescale.models.blt import flops_per_byte as blt_flops  # noqa: E402
 from bytescale.generate import SamplingConfig, generate  # noqa: E402
 from bytescale.models import MODELS, build_model  # noqa: E402
+from bytescale.train.buckets import PatchBuckets, bucket_slots_for  # noqa: E402
 from bytescale.train.state import init_train_state, make_optimizer  # noqa: E402
 from bytescale.train.step import make_train_step  # noqa: E402
 
@@ -56,6 +57,9 @@ def train_rate(config, batch, steps):
   graphdef, state = init_train_state(model, optimizer)
   step = jax.jit(make_train_step(graphdef, optimizer), donate_argnums=0)
   batch_size, seq_len = batch["inputs"].shape
+  slots = bucket_slots_for(config, seq_len)
+  if slots is not None:  # BLT: patches made before the step, cut to a bucket, as the training loop does
+    batch, _ = PatchBuckets.plain(graphdef, slots)(state.params, state.frozen, batch)
   state, metrics = step(state, batch)
   jax.block_until_ready(metrics)
   start = time.perf_counter()
@@ -123,7 +127,8 @@ def main():
       f"{steps} timed steps after compilation on a batch of {os.path.basename(source)}; generation is greedy, "
       f"{args.gen_bytes} new bytes per row. Training FLOPs from `bytescale.flops` (exact, causal attention "
       f"counted as the keys a query sees, 3x forward); BLT times and counts the space patcher (entropy patching "
-      f"needs a trained entropy model), at the batch's measured average patch size.",
+      f"needs a trained entropy model), at the batch's measured average patch size, with its patches made before the "
+      f"step and cut to the smallest `patch_buckets` slot count that holds them (as the training loop does).",
       "",
       "| model | preset | params | seq len | train bytes/s | achieved GFLOP/s | matmul peak GFLOP/s | MFU |"
       " generate bytes/s (batch 1) | generate bytes/s (batch 8) |",

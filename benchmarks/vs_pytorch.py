@@ -19,10 +19,12 @@ Peers (in their own venv, never a dependency of bytescale):
   k = 2 queries per patch, hash n-grams 3..8 with 8192 buckets each) vs ``transformers`` ``BltForCausalLM``
   (``patch_in_forward=False``: no patcher model is built). Both get the SAME patch lengths: SpaceByte's rule
   (``bytescale.patching`` "space"), computed from the bytes in numpy outside the timed step, so patching cost is
-  not part of either figure. bytescale pads patches to ``max_patches = 0.5 x row`` (its preset); the peer runs its
-  global model over the batch's largest patch count. Known differences of the peer's design (not settings): its
-  decoder cross-attends in its first layer only here (``cross_attn_all_layers=False``, bytescale's layout), its
-  global input has no projection when k x d_E equals d_G, and its byte-to-patch cross-attention masks are dense.
+  not part of either figure. bytescale patches at ``max_patches = 0.5 x row`` (its preset) and runs its global
+  model over the smallest of the preset's ``patch_buckets`` slot counts that holds the batch's largest patch count
+  (as its training loop does); the peer runs its global model over that largest count. Known differences of the
+  peer's design (not settings): its decoder cross-attends in its first layer only here
+  (``cross_attn_all_layers=False``, bytescale's layout), its global input has no projection when k x d_E equals
+  d_G, and its byte-to-patch cross-attention masks are dense.
   The peer's ``use_cache=True`` path patches only the new bytes of a step (patch lengths are not carried over and
   its global model keeps no cache), so greedy decoding there is one full forward per byte with ``use_cache=False``
   and the space patch lengths of the prefix (computed inside the timed loop, as bytescale's decoder patches inside
@@ -207,6 +209,8 @@ class JaxWorker:
     from bytescale import patching
     self.patches_from_starts = self.jax.jit(patching.patches_from_starts, static_argnums=2)
     self.space_reference = self.jax.jit(patching.space, static_argnames="max_patches")
+    from bytescale.train.buckets import choose_slots
+    self.choose_slots, self.bucket_slots = choose_slots, config.patching.bucket_slots
     return config, fed_patches_loss
 
   def batch(self, t):
@@ -224,6 +228,10 @@ class JaxWorker:
         assert (np.asarray(reference.lengths_BxM) == np.asarray(patches.lengths_BxM)).all(), "space rule differs"
         self.space_rule_checked = True
       assert int(np.asarray(patches.overflow_bytes_B).sum()) == 0, "max_patches overflowed: raise patches_ratio"
+      # The training path's bucketed slots (bytescale.train.buckets): the global model runs over the smallest
+      # bucket that holds the batch's largest patch count, compiled once per bucket.
+      largest = int(np.asarray(patches.valid_BxM).sum(axis=1).max())
+      patches = patches.truncated(self.choose_slots(largest, self.bucket_slots(t)))
       batch["patches"] = self.jax.block_until_ready(patches)
     return batch
 

@@ -47,6 +47,8 @@ from bytescale.configs import check
 from bytescale.ops.mask import segment_positions
 
 PATCHERS = ("strided", "space", "entropy")
+# PatchingConfig.patch_buckets: with the presets' max_patches_ratio 0.5, slot counts 1/8, 1/4, 3/8 and 1/2 of the row.
+DEFAULT_PATCH_BUCKETS = (0.125, 0.25, 0.375, 0.5)
 # The BLT reference's default global threshold (natural-log entropy, nats).
 BLT_THRESHOLD = 1.335442066192627
 
@@ -71,6 +73,13 @@ class Patches:
   def num_patches_B(self):
     return jnp.sum(self.valid_BxM, axis=1)
 
+  def truncated(self, slots: int) -> Patches:
+    """The same patches in the first ``slots`` slots. Exact only when no row has more than ``slots`` patches
+    (``num_patches_B <= slots``: the dropped slots are empty); the caller checks, as this runs under ``jit``."""
+    if not 1 <= slots <= self.max_patches:
+      raise ValueError(f"slots must be in [1, {self.max_patches}], got {slots}")
+    return self.replace(lengths_BxM=self.lengths_BxM[:, :slots], valid_BxM=self.valid_BxM[:, :slots])
+
 
 @dataclasses.dataclass(frozen=True)
 class PatchingConfig:
@@ -85,9 +94,22 @@ class PatchingConfig:
   entropy_context: int | None = None  # bytes per entropy-model window (None = the entropy model's max_seq_len)
   entropy_overlap: int | None = None  # bytes each window overlaps the previous one (None = half the context)
   bos_patch: bool = False  # a document's first byte (BOS) is a patch of its own (the BLT reference's rule)
+  # Training speed, not the model: slot counts (fractions of the row length, like ``max_patches_ratio``) a train or
+  # eval step may run the global model at. Patches are computed before the step at the full ``max_patches``, and
+  # the step gets the smallest bucket that holds every row's patches (only empty slots are dropped: exact); one
+  # compilation per bucket used. () = off: patches are computed inside the step at the full size.
+  patch_buckets: tuple[float, ...] = DEFAULT_PATCH_BUCKETS
 
   def __post_init__(self):
     name = "PatchingConfig"
+    fix = f"give increasing fractions of the row length in (0, 1], e.g. {list(DEFAULT_PATCH_BUCKETS)}, or [] for off"
+    check(isinstance(self.patch_buckets, (tuple, list)), name, "patch_buckets",
+          f"must be a list, got {self.patch_buckets!r}; {fix}")
+    check(all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r <= 1 for r in self.patch_buckets),
+          name, "patch_buckets", f"got {list(self.patch_buckets)}; {fix}")
+    object.__setattr__(self, "patch_buckets", tuple(float(r) for r in self.patch_buckets))
+    check(all(a < b for a, b in zip(self.patch_buckets, self.patch_buckets[1:])), name, "patch_buckets",
+          f"must increase, got {list(self.patch_buckets)}; {fix}")
     check(isinstance(self.bos_patch, bool), name, "bos_patch", f"must be true or false, got {self.bos_patch!r}")
     check(self.patcher in PATCHERS, name, "patcher", f"must be one of {PATCHERS}, got {self.patcher!r}")
     check(isinstance(self.stride, int) and self.stride > 0, name, "stride",
@@ -121,7 +143,11 @@ class PatchingConfig:
   def max_patches(self, seq_len: int) -> int:
     return max(1, min(seq_len, math.ceil(self.max_patches_ratio * seq_len)))
 
-
+  def bucket_slots(self, seq_len: int) -> tuple[int, ...]:
+    """The slot counts ``patch_buckets`` allows for rows of ``seq_len`` bytes, ascending; the last is always the
+    full ``max_patches(seq_len)`` (buckets at or above it are that size)."""
+    full = self.max_patches(seq_len)
+    return tuple(sorted({min(full, max(1, math.ceil(r * seq_len))) for r in self.patch_buckets} | {full}))
 
 
 # --- Rules ------------------------------------------------------------------------------------------------

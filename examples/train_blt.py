@@ -6,9 +6,10 @@
    training loop; the same as ``bytescale train --model bytelm --preset entropy-tiny --out OUT/entropy``.
 2. Threshold: the global entropy threshold that gives ``--target-patch-size`` bytes per patch on a sample of the
    corpus (``bytescale.entropy.threshold_for_patch_size``; ``bytescale entropy-threshold`` does the same).
-3. BLT (preset ``blt/tiny``) with ``entropy_model=OUT/entropy``: patches are computed inside the jitted train step
-   from the frozen entropy model; ``bytescale train --model blt --preset tiny --set entropy_model=OUT/entropy
-   --set threshold=...`` does the same from the shell.
+3. BLT (preset ``blt/tiny``) with ``entropy_model=OUT/entropy``: patches are computed from the frozen entropy model
+   before each jitted train step, which runs at the smallest bucket of patch slots that holds them (docs/blt.md);
+   ``bytescale train --model blt --preset tiny --set entropy_model=OUT/entropy --set threshold=...`` does the same
+   from the shell.
 4. Validation bits per byte, and a sample decoded with the caches (the global model runs only when a patch
    closes). ``bytescale generate --ckpt OUT/blt`` samples from the saved checkpoint.
 """
@@ -60,7 +61,7 @@ def main():
   threshold, size = entropy.threshold_for_patch_size(h, segs, args.target_patch_size)
   print(f"threshold {threshold:.4f} nats -> {size:.2f} bytes per patch (entropies: median {np.median(h):.2f})")
 
-  # 3. The BLT, patching inside the train step with the frozen entropy model.
+  # 3. The BLT, patching with the frozen entropy model before each train step.
   config = registry.get_preset("blt", "tiny")
   config = dataclasses.replace(config, entropy_model=entropy_dir,
                                patching=dataclasses.replace(config.patching, threshold=threshold))

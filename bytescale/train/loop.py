@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from bytescale import configs, parallel
 from bytescale.data.pipeline import ByteCorpus, DataConfig, train_iterator
-from bytescale.models.registry import build_model, model_name_for
+from bytescale.models.registry import build_model, config_from_dict, model_name_for
+from bytescale.train.buckets import bucket_slots_for, sharded_buckets
 from bytescale.train.checkpoint import (Checkpointer, entropy_model_for, latest_step, load_params, read_meta,
                                         resolve_checkpoint, resolve_entropy_model)
 from bytescale.train.evaluate import evaluate_bpb
@@ -64,7 +65,7 @@ class ShardedTraining:
   state_shardings: object
   init_state: object  # () -> TrainState, created sharded
   init_state_with: object  # (params) -> TrainState at step 0 with these parameters and a fresh optimizer state
-  train_step: object  # (state, global batch) -> (state, metrics); donates state
+  train_step: object  # (state, global batch) -> (state, metrics); donates state (BLT: patches first, bucketed)
   eval_fn: object  # (params, frozen, numpy batch every process holds) -> (nll_sum, count)
   global_batch: int
 
@@ -129,22 +130,37 @@ def sharded_training(model_config, train_config: configs.TrainConfig, mesh, rule
         return fn(*args)
     return wrapped
 
-  train_step = jax.jit(in_context(make_train_step(graphdef, optimizer, mesh_loss)),
-                       in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated),
-                       donate_argnums=0)
+  # BLT: patches computed before the step, cut to the smallest bucket that holds them (bytescale.train.buckets).
+  slots = bucket_slots_for(model_config, tc.seq_len)
+  buckets = None
+  if slots is not None:
+    buckets, patch_shardings = sharded_buckets(graphdef, slots, mesh, rules, abstract_state=abstract_state,
+                                               batch_shape=(tc.batch_size, tc.seq_len), wrap=in_context)
+    batch_shardings = {**batch_shardings, "patches": patch_shardings}
+  jitted_step = jax.jit(in_context(make_train_step(graphdef, optimizer, mesh_loss)),
+                        in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, replicated),
+                        donate_argnums=0)
   eval_step = jax.jit(in_context(make_eval_step(graphdef, mesh_loss)),
                       in_shardings=(state_shardings.params, state_shardings.frozen, batch_shardings),
                       out_shardings=replicated)
 
+  def bucketed_step(state, batch):
+    batch, used = buckets(state.params, state.frozen, batch)
+    state, metrics = jitted_step(state, batch)
+    return state, {**metrics, **used}
+
   def eval_fn(params, frozen, batch):
-    return eval_step(params, frozen, parallel.shard_global_batch(batch, mesh, rules))
+    batch = parallel.shard_global_batch(batch, mesh, rules)
+    if buckets is not None:  # evaluation runs at the buckets the training steps compiled for (exact either way)
+      batch, _ = buckets(params, frozen, batch)
+    return eval_step(params, frozen, batch)
 
   return ShardedTraining(
       mesh=mesh, rules=rules, graphdef=graphdef, abstract_state=abstract_state, state_shardings=state_shardings,
       init_state=jax.jit(in_context(create), out_shardings=state_shardings),
       init_state_with=jax.jit(in_context(create_with), in_shardings=(state_shardings.params,),
                               out_shardings=state_shardings, donate_argnums=0),
-      train_step=train_step,
+      train_step=jitted_step if buckets is None else bucketed_step,
       eval_fn=eval_fn, global_batch=tc.batch_size,
   )
 
@@ -382,12 +398,21 @@ def _agreed_stop(local_reason: str | None) -> str | None:
 def _check_same_run(out_dir, meta) -> dict:
   """The saved run's meta, after checking it trained the same model as ``meta`` describes."""
   saved = read_meta(out_dir)
-  for key in ("model", "model_config"):
-    if saved.get(key) != meta[key]:
+  for key, was in (("model", saved.get("model")), ("model_config", _with_new_defaults(saved.get("model_config")))):
+    if was != meta[key]:
       raise configs.ConfigError(
           f"--out {out_dir}: holds a run with a different {key}; use a new --out directory to start a new run"
       )
   return saved
+
+
+def _with_new_defaults(saved_config: dict | None) -> dict | None:
+  """A saved model config as this version writes it: fields added since it was saved take their defaults (a run
+  saved before ``PatchingConfig.patch_buckets`` existed resumes); one that no longer rebuilds stays as it was."""
+  try:
+    return configs.to_dict(config_from_dict(saved_config))
+  except (configs.ConfigError, TypeError, KeyError, AttributeError):
+    return saved_config
 
 
 def _check_init_from(directory: str) -> str:
