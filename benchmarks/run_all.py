@@ -29,6 +29,7 @@ BENCHMARKS = [
     # Needs the peers' venv (bash benchmarks/setup_pytorch_peer.sh); fails with that hint without it.
     ("vs_pytorch", "vs_pytorch.py", ["--quick"], "RESULTS_vs_pytorch.md"),
     ("profile", "profile_ops.py", ["--steps", "1"], "RESULTS_profile.md"),
+    ("decode", "decode_step.py", ["--quick"], "RESULTS_decode.md"),
 ]
 
 

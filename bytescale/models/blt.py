@@ -37,8 +37,8 @@ from bytescale.models import bytelm
 from bytescale.models.base import ModelOutput, check_inputs
 from bytescale.models.bytelm import ByteLM
 from bytescale.nn import Embedding, KVCache, RMSNorm, TransformerStack
-from bytescale.nn.transformer import scan_blocks
-from bytescale.nn.layers import param, scaled_normal, unembed
+from bytescale.nn.transformer import layer_state, scan_blocks
+from bytescale.nn.layers import dense, param, scaled_normal, unembed
 from bytescale.ops import attention as attention_ops
 from bytescale.ops import hashing, rope
 from bytescale.ops.mask import AttentionMask
@@ -198,16 +198,16 @@ class CrossAttention(nnx.Module):
 
   def queries(self, x_BxTxD):
     x = self.q_norm(x_BxTxD).astype(self.dtype)
-    return jnp.einsum("...d,dhk->...hk", x, self.wq[...].astype(self.dtype))
+    return dense(x, self.wq[...].astype(self.dtype))
 
   def keys_values(self, x_BxSxD):
     x = self.kv_norm(x_BxSxD).astype(self.dtype)
-    k = jnp.einsum("...d,dgk->...gk", x, self.wk[...].astype(self.dtype))
-    v = jnp.einsum("...d,dgk->...gk", x, self.wv[...].astype(self.dtype))
+    k = dense(x, self.wk[...].astype(self.dtype))
+    v = dense(x, self.wv[...].astype(self.dtype))
     return k, v
 
   def output(self, out_BxTxHxK):
-    return jnp.einsum("...hk,hkd->...d", out_BxTxHxK, self.wo[...].astype(self.dtype))
+    return dense(out_BxTxHxK, self.wo[...].astype(self.dtype), contract=2)
 
   def add_residual(self, x, out_BxTxHxK):
     """``x`` (once or twice) plus the output projection of the attention result."""
@@ -400,7 +400,7 @@ class BLT(nnx.Module):
     k = valid_BxM.shape[1]
     dtype = encoder_states_BxTxD.dtype
     pooled_BxMxE = segment_pool(encoder_states_BxTxD, patch_ids_BxT, k, op="max")
-    queries_BxMxQxE = jnp.einsum("bke,eqd->bkqd", pooled_BxMxE, self.query_init[...].astype(dtype))
+    queries_BxMxQxE = dense(pooled_BxMxE, self.query_init[...].astype(dtype))
     # Cross-attention of each patch's queries to its own bytes (the XLA path is O(T), not (M * Q) x T).
     cross = self._encoder_cross()
     keys, values = cross.keys_values(encoder_states_BxTxD)
@@ -411,18 +411,18 @@ class BLT(nnx.Module):
     states_BxMxQxE = cross.add_residual(queries_BxMxQxE, out_BxMxQxHxK)
     if self.global_in is None:  # the identity: Q * h_E == h_G
       return einops.rearrange(states_BxMxQxE, "b m q e -> b m (q e)")
-    return jnp.einsum("bkqe,qeg->bkg", states_BxMxQxE, self.global_in[...].astype(dtype))
+    return dense(states_BxMxQxE, self.global_in[...].astype(dtype), contract=2)
 
   def slot_vectors(self, global_out_BxMxG):
     """The ``Q`` decoder-width slot vectors ``BxMxQxD`` made from each patch's global output."""
     dtype = global_out_BxMxG.dtype
-    return jnp.einsum("bkg,gqd->bkqd", global_out_BxMxG, self.global_out[...].astype(dtype))
+    return dense(global_out_BxMxG, self.global_out[...].astype(dtype))
 
   def decoder_inputs(self, encoder_states_BxTxE):
     """The decoder's input per byte: its encoder state, projected to the decoder width (or as it is)."""
     x = encoder_states_BxTxE
     if self.byte_to_decoder is not None:
-      x = jnp.einsum("bte,ed->btd", x, self.byte_to_decoder[...].astype(x.dtype))
+      x = dense(x, self.byte_to_decoder[...].astype(x.dtype))
     return x.astype(jnp.dtype(self.config.decoder.dtype))
 
   def decoder_layers(self, x_BxTxD, segment_ids_BxT, slots_BxSxQxD, slot_index_BxT, cache: KVCache | None = None):
@@ -444,14 +444,15 @@ class BLT(nnx.Module):
 
       return scan_blocks((self.decoder.blocks, self.decoder_cross), c.decoder, layer, x_BxTxD)
 
-    def decode_layer(x, inputs):
-      layer_block, layer_cross, k_cache, v_cache = inputs
-      x = cross_step(nnx.merge(cross_graph, layer_cross), x)
-      x, k_cache, v_cache = nnx.merge(block_graph, layer_block).decode(x, k_cache, v_cache, cache.lengths_B)
-      return x, (k_cache, v_cache)
-
-    x, (k, v) = jax.lax.scan(decode_layer, x_BxTxD, (block_state, cross_state, cache.k_LxBxSxGxK, cache.v_LxBxSxGxK))
-    return x, cache.replace(k_LxBxSxGxK=k, v_LxBxSxGxK=v, lengths_B=cache.lengths_B + x_BxTxD.shape[1])
+    x, keys, values = x_BxTxD, [], []
+    for i in range(c.decoder.num_layers):  # a python loop: each layer's cache buffers updated in place (KVCache)
+      x = cross_step(nnx.merge(cross_graph, layer_state(cross_state, i)), x)
+      x, k_cache, v_cache = nnx.merge(block_graph, layer_state(block_state, i)).decode(
+          x, cache.k_LxBxGxSxK[i], cache.v_LxBxGxKxS[i], cache.lengths_B)
+      keys.append(k_cache)
+      values.append(v_cache)
+    return x, cache.replace(k_LxBxGxSxK=tuple(keys), v_LxBxGxKxS=tuple(values),
+                            lengths_B=cache.lengths_B + x_BxTxD.shape[1])
 
   def _last_byte_closes(self, next_start_B, shape):
     """Whether the row's last byte reads its own patch (``completed_patch``): when the byte that would come next
@@ -650,8 +651,11 @@ def patch_metrics(patches: Patches, segment_ids_BxT) -> dict:
 
 
 def blt_loss(model, batch):
-  """``next_byte_loss`` plus patch metrics (average patch size, overflow bytes) for ``train(..., loss_fn=)``."""
-  output, patches = model.forward(batch["inputs"], batch["segment_ids"])
+  """``next_byte_loss`` plus patch metrics (average patch size, overflow bytes) for ``train(..., loss_fn=)``.
+
+  ``batch["patches"]``, when given (``bytescale.train.buckets``: computed before the step, cut to a bucket), are
+  used instead of patching inside the step."""
+  output, patches = model.forward(batch["inputs"], batch["segment_ids"], patches=batch.get("patches"))
   nll_sum, count = masked_cross_entropy(output.logits_BxTxV, batch["targets"], batch["loss_mask"])
   loss = nll_sum / jnp.maximum(count, 1.0)
   return loss, {"nll_sum": nll_sum, "count": count, **patch_metrics(patches, batch["segment_ids"])}

@@ -54,7 +54,7 @@ from bytescale import flops, vocab
 from bytescale.configs import TransformerConfig, check, swiglu_hidden
 from bytescale.models.base import ModelOutput
 from bytescale.nn import Embedding, RMSNorm, TransformerStack
-from bytescale.nn.layers import param, scaled_normal, unembed
+from bytescale.nn.layers import dense, param, scaled_normal, unembed
 from bytescale.nn.transformer import KVCache, scan_blocks, stacked_blocks
 from bytescale.ops import patches as patch_ops
 from bytescale.ops.mask import AttentionMask, segment_positions
@@ -320,7 +320,7 @@ class MegaByte(nnx.Module):
     g = g.reshape(*g.shape[:2], c.patch_size, c.d_global_embed)
     if c.per_position_projection:
       return jnp.einsum("bmpg,pgl->bmpl", g, self.w_gl[...].astype(g.dtype))
-    return jnp.einsum("bmpg,gl->bmpl", g, self.w_gl[...].astype(g.dtype))
+    return dense(g, self.w_gl[...].astype(g.dtype))
 
   def _local_inputs(self, context_BxUxD, previous_ids_BxU, in_patch_BxU):
     """Context + embedding of the previous byte (the pad at in-patch position 0) (+ local position)."""
@@ -454,6 +454,7 @@ class MegaByte(nnx.Module):
     first_new_B = (o + lengths) // p + 1
     end_B = (o + lengths + n) // p + 1
     count = -(-n // p)
+    global_layers = self.global_stack.layer_states()  # sliced outside the cond, so XLA hoists them out of the loop
 
     def run_global(state):
       global_kv, context = state
@@ -463,7 +464,7 @@ class MegaByte(nnx.Module):
       source_ids = jnp.take_along_axis(byte_buffer, flat_source, axis=1)
       vectors = self._byte_vectors(source_ids, flat_source - o).reshape(b, count, p, -1)
       x = self._global_inputs(vectors, source_BxMxP >= o)
-      out, updated = self.global_stack.decode(x, global_kv.replace(lengths_B=first_new_B))
+      out, updated = self.global_stack.decode(x, global_kv.replace(lengths_B=first_new_B), layers=global_layers)
       new_context = self._contexts(out).reshape(b, count * p, -1).astype(context.dtype)
       return updated.replace(lengths_B=end_B), write_rows(context, new_context, first_new_B * p)
 

@@ -41,8 +41,8 @@ from bytescale import vocab
 from bytescale import flops
 from bytescale.configs import ByteLMConfig, ConfigError, TransformerConfig, check, parse_value, replace_path
 from bytescale.models.base import ModelOutput
-from bytescale.nn.layers import Embedding, RMSNorm, param, scaled_normal
-from bytescale.nn.transformer import Block
+from bytescale.nn.layers import Embedding, RMSNorm, dense, param, scaled_normal
+from bytescale.nn.transformer import Block, layer_state
 from bytescale.ops import attention as attention_ops
 from bytescale.ops.mask import AttentionMask
 from bytescale.ops.losses import bits_per_byte, masked_cross_entropy
@@ -195,7 +195,7 @@ class Combine(nnx.Module):
 
   def __call__(self, hidden_BxTxD, embedded_BxTxD):
     x = jnp.concatenate([self.hidden_norm(hidden_BxTxD), self.embed_norm(embedded_BxTxD)], axis=-1)
-    return jnp.einsum("btc,cd->btd", x.astype(self.dtype), self.proj[...].astype(self.dtype))
+    return dense(x.astype(self.dtype), self.proj[...].astype(self.dtype))
 
 
 def _stacked(make, count: int, rngs: nnx.Rngs):
@@ -213,15 +213,6 @@ def _index(state, i):
   return jax.tree.map(lambda a: a[i], state)
 
 
-def _write_slots(buffer, new, start_B, axis: int):
-  """``buffer`` (batch first, slots on ``axis``) with row b's N new entries ``new[b]`` (same layout, N slots on
-  ``axis``) written at slots ``start[b] .. start[b] + N - 1`` (``write_rows`` for slots on another axis)."""
-  def write(row, update, start):
-    return jax.lax.dynamic_update_slice_in_dim(row, update, start, axis=axis - 1)
-
-  return jax.vmap(write)(buffer, new.astype(buffer.dtype), start_B)
-
-
 @struct.dataclass
 class MultiTokenCache:
   """The trunk's cache, head 1's keys/values and, when ``drafting``, those of heads 2..n (``J = n - 1``).
@@ -235,10 +226,10 @@ class MultiTokenCache:
   """
 
   trunk: Any
-  k_BxSxGxK: jax.Array
-  v_BxSxGxK: jax.Array
+  k_BxGxSxK: jax.Array  # head 1's, in the layouts of ``KVCache`` (see ``Attention.decode``)
+  v_BxGxKxS: jax.Array
   lengths_B: jax.Array
-  extra_k: tuple | None = None  # sequential: J arrays BxSxGxK, separate buffers, so each is updated in place
+  extra_k: tuple | None = None  # sequential: J arrays BxGxSxK (v: BxGxKxS), separate buffers, updated in place
   extra_v: tuple | None = None
   heads_k_BxJxGxSxK: jax.Array | None = None  # parallel
   heads_v_BxJxGxKxS: jax.Array | None = None
@@ -332,9 +323,10 @@ class MultiTokenLM(nnx.Module):
   def init_cache(self, batch: int, max_len: int, *, drafting: bool = False) -> MultiTokenCache:
     """Without ``drafting``: trunk + head 1 only (plain generation pays nothing for heads 2..n)."""
     hc = self.config.head_stack
-    shape = (batch, max_len, hc.num_kv_heads, hc.head_dim)
-    cache = MultiTokenCache(self.trunk.init_cache(batch, max_len), jnp.zeros(shape, hc.dtype),
-                            jnp.zeros(shape, hc.dtype), jnp.zeros((batch,), jnp.int32), drafting=drafting)
+    groups = (batch, hc.num_kv_heads)
+    cache = MultiTokenCache(self.trunk.init_cache(batch, max_len), jnp.zeros((*groups, max_len, hc.head_dim), hc.dtype),
+                            jnp.zeros((*groups, hc.head_dim, max_len), hc.dtype), jnp.zeros((batch,), jnp.int32),
+                            drafting=drafting)
     if not drafting or self.num_heads == 1:
       return cache
     if not self.sequential:
@@ -343,10 +335,12 @@ class MultiTokenLM(nnx.Module):
                            heads_v_BxJxGxKxS=jnp.zeros((*heads, hc.head_dim, max_len), hc.dtype),
                            draft_source_BxSxD=jnp.zeros((batch, max_len, hc.d_model), hc.dtype))
     # A sequential draft rewrites a window of draft_window slots from position max(m - window, 0).
-    extra = (batch, max(max_len, self.draft_window), *shape[2:])
+    extra_slots = max(max_len, self.draft_window)
     slack = self.draft_window + self.num_heads  # draft windows read a little past the last position
-    return cache.replace(extra_k=tuple(jnp.zeros(extra, hc.dtype) for _ in range(self.num_heads - 1)),
-                         extra_v=tuple(jnp.zeros(extra, hc.dtype) for _ in range(self.num_heads - 1)),
+    return cache.replace(extra_k=tuple(jnp.zeros((*groups, extra_slots, hc.head_dim), hc.dtype)
+                                       for _ in range(self.num_heads - 1)),
+                         extra_v=tuple(jnp.zeros((*groups, hc.head_dim, extra_slots), hc.dtype)
+                                       for _ in range(self.num_heads - 1)),
                          draft_source_BxSxD=jnp.zeros((batch, max_len + slack, hc.d_model), hc.dtype),
                          tokens_BxS=jnp.full((batch, max_len + slack), vocab.PAD, jnp.int32))
 
@@ -364,8 +358,9 @@ class MultiTokenLM(nnx.Module):
     trunk_out, trunk_cache = self.trunk.decode(cache.trunk, bytes_BxN)
     hidden = trunk_out.hidden_BxTxD
     graphdef, state = nnx.split(self.heads)
-    first, k, v = nnx.merge(graphdef, _index(state, 0)).decode(hidden, cache.k_BxSxGxK, cache.v_BxSxGxK, start_B)
-    new = cache.replace(trunk=trunk_cache, k_BxSxGxK=k, v_BxSxGxK=v, lengths_B=start_B + bytes_BxN.shape[1])
+    first, k, v = nnx.merge(graphdef, layer_state(state, 0)).decode(hidden, cache.k_BxGxSxK, cache.v_BxGxKxS,
+                                                                    start_B)
+    new = cache.replace(trunk=trunk_cache, k_BxGxSxK=k, v_BxGxKxS=v, lengths_B=start_B + bytes_BxN.shape[1])
     if cache.drafting and self.num_heads > 1 and not self.sequential:
       def keys_values(head_state):
         block = nnx.merge(graphdef, head_state)
@@ -375,8 +370,8 @@ class MultiTokenLM(nnx.Module):
       # Every head's, head 1's dropped: slicing the stacked parameters would copy them at every step.
       k_JxBxNxGxK, v_JxBxNxGxK = (x[1:] for x in jax.vmap(keys_values)(state))
       new = new.replace(
-          heads_k_BxJxGxSxK=_write_slots(cache.heads_k_BxJxGxSxK, k_JxBxNxGxK.transpose(1, 0, 3, 2, 4), start_B, 3),
-          heads_v_BxJxGxKxS=_write_slots(cache.heads_v_BxJxGxKxS, v_JxBxNxGxK.transpose(1, 0, 3, 4, 2), start_B, 4),
+          heads_k_BxJxGxSxK=write_rows(cache.heads_k_BxJxGxSxK, k_JxBxNxGxK.transpose(1, 0, 3, 2, 4), start_B, axis=3),
+          heads_v_BxJxGxKxS=write_rows(cache.heads_v_BxJxGxKxS, v_JxBxNxGxK.transpose(1, 0, 3, 4, 2), start_B, axis=4),
           draft_source_BxSxD=write_rows(cache.draft_source_BxSxD, hidden, start_B))
     elif cache.drafting and self.num_heads > 1:
       block_ids_BxU = jnp.pad(bytes_BxN, ((0, 0), (0, self.num_heads)), constant_values=vocab.PAD)
@@ -440,7 +435,8 @@ class MultiTokenLM(nnx.Module):
       x = source_BxWxD
       if self.sequential:  # head j+1 at position t reads byte t + j
         x = self._combine(j - 1)(previous, self._embed(ids[:, j:j + width]))
-      out, k, v = nnx.merge(graphdef, _index(heads_state, j)).decode(x, k_caches[j - 1], v_caches[j - 1], start_B)
+      out, k, v = nnx.merge(graphdef, layer_state(heads_state, j)).decode(x, k_caches[j - 1], v_caches[j - 1],
+                                                                          start_B)
       new_k.append(k)
       new_v.append(v)
       if last_B is not None:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bytescale.configs import TransformerConfig
-from bytescale.nn.layers import param, scaled_normal
+from bytescale.nn.layers import dense, param, scaled_normal
 from bytescale.ops import attention as attention_ops
 from bytescale.ops import rope
 from bytescale.ops.mask import AttentionMask
@@ -47,9 +47,9 @@ class Attention(nnx.Module):
   def _qkv(self, x_BxTxD):
     """Unrotated queries, keys and values."""
     x = x_BxTxD.astype(self.dtype)
-    q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(self.dtype))
-    k = jnp.einsum("btd,dgk->btgk", x, self.wk[...].astype(self.dtype))
-    v = jnp.einsum("btd,dgk->btgk", x, self.wv[...].astype(self.dtype))
+    q = dense(x, self.wq[...].astype(self.dtype))
+    k = dense(x, self.wk[...].astype(self.dtype))
+    v = dense(x, self.wv[...].astype(self.dtype))
     return q, k, v
 
   def _rotate_rows(self, x_BxTxHxK, positions_BxT, seq_len_B):
@@ -77,7 +77,7 @@ class Attention(nnx.Module):
 
   def output(self, out_BxTxHxK):
     """The output projection ``wo`` of attention outputs: ``BxTxD``."""
-    return jnp.einsum("bthk,hkd->btd", out_BxTxHxK, self.wo[...].astype(self.dtype))
+    return dense(out_BxTxHxK, self.wo[...].astype(self.dtype), contract=2)
 
   def __call__(self, x_BxTxD, positions_BxT, segment_ids_BxT):
     """Causal self-attention over a whole sequence. ``positions_BxT=None`` means a packed row: each run of equal
@@ -101,26 +101,38 @@ class Attention(nnx.Module):
     q, k, v = self._qkv(x_BxNxD)
     return self._rotate_rows(q, positions_BxN, seq_len_B), self._rotate_rows(k, positions_BxN, seq_len_B), v
 
-  def decode(self, x_BxNxD, k_cache_BxSxGxK, v_cache_BxSxGxK, lengths_B, seq_len_B=None):
-    """Appends N tokens per row at each row's ``lengths`` and attends over the cache.
+  def decode(self, x_BxNxD, k_cache_BxGxSxK, v_cache_BxGxKxS, lengths_B, seq_len_B=None):
+    """Appends N tokens per row at each row's ``lengths`` and attends over the cache; returns ``(out_BxNxD,
+    k_cache, v_cache)``.
 
     Generation is one document per row starting at position 0, so cache slot s holds position s. ``seq_len_B``
     is each row's current length for length-dependent rope (default ``lengths + N``); a recompute of the whole
     cache passes the rows' real lengths (see the module docstring).
+
+    The cache layouts, keys ``BxGxSxK`` and values ``BxGxKxS`` (slots after the KV heads, values transposed), are
+    the ones both attention matmuls read as they are on XLA's CPU backend: the attention gets ``BxSxGxK`` views
+    (transposes XLA folds into the matmuls), so every ``attention_impl`` applies, while caches stored ``BxSxGxK``
+    were copied into that order at every layer of every step (one layer at batch 8, 768 slots: 1.1 -> 0.55 ms,
+    ``benchmarks/decode_step.py``). The Pallas and cuDNN kernels take the views as copies.
     """
     n = x_BxNxD.shape[1]
     positions_BxN = lengths_B[:, None] + jnp.arange(n, dtype=jnp.int32)
-    q, k, v = self.decode_qkv(x_BxNxD, lengths_B, seq_len_B)
-    k_cache = write_rows(k_cache_BxSxGxK, k, lengths_B)
-    v_cache = write_rows(v_cache_BxSxGxK, v, lengths_B)
-    mask = AttentionMask.kv_cache(positions_BxN, k_cache_BxSxGxK.shape[1], lengths_B + n, window=self.config.window)
-    return self.attend(q, k_cache.astype(self.dtype), v_cache.astype(self.dtype), mask), k_cache, v_cache
+    q, k_BxNxGxK, v_BxNxGxK = self.decode_qkv(x_BxNxD, lengths_B, seq_len_B)
+    k_cache = write_rows(k_cache_BxGxSxK, k_BxNxGxK.transpose(0, 2, 1, 3), lengths_B, axis=2)
+    v_cache = write_rows(v_cache_BxGxKxS, v_BxNxGxK.transpose(0, 2, 3, 1), lengths_B, axis=3)
+    # One updated buffer for the attention and the caller: without the barrier XLA's CPU backend fuses the write
+    # into each reader separately at one new token per row, copying the cache several times (2x slower at batch 1).
+    k_cache, v_cache = jax.lax.optimization_barrier((k_cache, v_cache))
+    mask = AttentionMask.kv_cache(positions_BxN, k_cache.shape[2], lengths_B + n, window=self.config.window)
+    keys_BxSxGxK = k_cache.transpose(0, 2, 1, 3).astype(self.dtype)
+    values_BxSxGxK = v_cache.transpose(0, 3, 1, 2).astype(self.dtype)
+    return self.attend(q, keys_BxSxGxK, values_BxSxGxK, mask), k_cache, v_cache
 
 
 def decode_recomputing_stale_rows(run_layers, x_BxNxD, cache, rope_config):
   """Cached decoding for length-dependent rope that equals the full forward at every length.
 
-  ``run_layers(x_BxNxD, k_LxBxSxGxK, v_LxBxSxGxK, lengths_B, seq_len_B) -> (x, k, v)`` runs the stack's layers
+  ``run_layers(x_BxNxD, k_LxBxGxSxK, v_LxBxGxKxS, lengths_B, seq_len_B) -> (x, k, v)`` runs the stack's layers
   in decode mode. ``cache`` is a ``KVCache`` with ``inputs_BxSxD`` (the stack input of every slot) and
   ``regime_B`` (the rotation regime its keys and values were computed under). If any row that holds tokens
   changes regime, every slot of every row is recomputed from the stored inputs at the rows' new lengths (slots
@@ -135,14 +147,14 @@ def decode_recomputing_stale_rows(run_layers, x_BxNxD, cache, rope_config):
   stale = jnp.any((regime_B != cache.regime_B) & (lengths_B > 0))
 
   def incremental():
-    return run_layers(x_BxNxD, cache.k_LxBxSxGxK, cache.v_LxBxSxGxK, lengths_B, seq_len_B)
+    return run_layers(x_BxNxD, cache.k_LxBxGxSxK, cache.v_LxBxGxKxS, lengths_B, seq_len_B)
 
   def recompute():
     everything = inputs_BxSxD.astype(x_BxNxD.dtype)
-    x_BxSxD, k, v = run_layers(everything, cache.k_LxBxSxGxK, cache.v_LxBxSxGxK, jnp.zeros_like(lengths_B), seq_len_B)
+    x_BxSxD, k, v = run_layers(everything, cache.k_LxBxGxSxK, cache.v_LxBxGxKxS, jnp.zeros_like(lengths_B), seq_len_B)
     new_slots_BxN = lengths_B[:, None] + jnp.arange(n, dtype=jnp.int32)
     return jnp.take_along_axis(x_BxSxD, new_slots_BxN[..., None], axis=1), k, v
 
   x, k, v = jax.lax.cond(stale, recompute, incremental)
-  return x, cache.replace(k_LxBxSxGxK=k, v_LxBxSxGxK=v, lengths_B=seq_len_B, inputs_BxSxD=inputs_BxSxD,
+  return x, cache.replace(k_LxBxGxSxK=k, v_LxBxGxKxS=v, lengths_B=seq_len_B, inputs_BxSxD=inputs_BxSxD,
                           regime_B=regime_B)

@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 
 
-def write_rows(buffer_BxS, new_BxN, start_B):
+def write_rows(buffer_BxS, new_BxN, start_B, *, axis: int = 1):
   """``buffer`` with ``new[b]`` written at positions ``start[b] .. start[b] + N - 1`` of row b (cast to the
-  buffer's dtype)."""
-  write = lambda row, new, start: jax.lax.dynamic_update_slice_in_dim(row, new, start, axis=0)
+  buffer's dtype). ``axis``: where the positions are in ``buffer`` and ``new`` (batch first, same layout; e.g.
+  slots after the heads in a ``BxGxSxK`` cache, ``axis=2``)."""
+  write = lambda row, new, start: jax.lax.dynamic_update_slice_in_dim(row, new, start, axis=axis - 1)
   return jax.vmap(write)(buffer_BxS, new_BxN.astype(buffer_BxS.dtype), start_B)
 
 
