@@ -454,7 +454,6 @@ class MegaByte(nnx.Module):
     first_new_B = (o + lengths) // p + 1
     end_B = (o + lengths + n) // p + 1
     count = -(-n // p)
-    global_layers = self.global_stack.layer_states()  # sliced outside the cond, so XLA hoists them out of the loop
 
     def run_global(state):
       global_kv, context = state
@@ -464,7 +463,7 @@ class MegaByte(nnx.Module):
       source_ids = jnp.take_along_axis(byte_buffer, flat_source, axis=1)
       vectors = self._byte_vectors(source_ids, flat_source - o).reshape(b, count, p, -1)
       x = self._global_inputs(vectors, source_BxMxP >= o)
-      out, updated = self.global_stack.decode(x, global_kv.replace(lengths_B=first_new_B), layers=global_layers)
+      out, updated = self.global_stack.decode(x, global_kv.replace(lengths_B=first_new_B))
       new_context = self._contexts(out).reshape(b, count * p, -1).astype(context.dtype)
       return updated.replace(lengths_B=end_B), write_rows(context, new_context, first_new_B * p)
 

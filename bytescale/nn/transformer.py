@@ -156,26 +156,17 @@ class TransformerStack(nnx.Module):
                             regime_B=jnp.zeros((batch,), jnp.int32))
     return cache
 
-  def layer_states(self) -> tuple:
-    """Every layer's parameters, sliced as :func:`layer_state` does. A caller that decodes inside a ``lax.cond``
-    (MegaByte's global model, once per patch) slices them before the conditional and passes them to
-    :meth:`decode`: XLA hoists loop-invariant slices out of a generation loop, but not out of a conditional
-    (MegaByte at batch 1: 2.6 ms of a 5 ms step were these copies)."""
-    _, state = nnx.split(self.blocks)
-    return tuple(layer_state(state, i) for i in range(self.config.num_layers))
-
-  def decode(self, x_BxNxD, cache: KVCache, *, layers: tuple | None = None):
+  def decode(self, x_BxNxD, cache: KVCache):
     """Runs N new tokens per row through every layer, appending them to ``cache``.
 
     A python loop over the layers (compile time grows with depth), each reading and updating its own cache
-    buffers in place (see ``KVCache``). ``layers``: :meth:`layer_states`, when the caller sliced them already."""
-    graphdef, _ = nnx.split(self.blocks)
-    layers = self.layer_states() if layers is None else layers
+    buffers in place (see ``KVCache``)."""
+    graphdef, state = nnx.split(self.blocks)
 
     def run_layers(x, k_LxBxGxSxK, v_LxBxGxKxS, lengths_B, seq_len_B=None):
       keys, values = [], []
       for i in range(self.config.num_layers):
-        block = nnx.merge(graphdef, layers[i])
+        block = nnx.merge(graphdef, layer_state(state, i))
         x, k_cache, v_cache = block.decode(x, k_LxBxGxSxK[i], v_LxBxGxKxS[i], lengths_B, seq_len_B)
         keys.append(k_cache)
         values.append(v_cache)
