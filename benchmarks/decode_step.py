@@ -21,12 +21,8 @@ Results go to ``benchmarks/RESULTS_decode.md`` (machine, load average, date, jax
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -36,6 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks import profile_ops  # noqa: E402
 from benchmarks.common import machine, write_section  # noqa: E402
 from bytescale import configs  # noqa: E402
 from bytescale.models import registry  # noqa: E402
@@ -125,26 +122,10 @@ def prefilled(graphdef, state, decode, cache, batch: int):
 
 
 def op_times(fn, args_fn, calls: int):
-  """Per call: ``{op name: ms}`` summed over the XLA CPU threads' events (``jax.profiler``)."""
-  directory = tempfile.mkdtemp()
-  try:
-    with jax.profiler.trace(directory):
-      for _ in range(calls):
-        jax.block_until_ready(fn(*args_fn()))
-    path = glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)[0]
-    totals = collections.Counter()
-    for plane in jax.profiler.ProfileData.from_file(path).planes:
-      for line in plane.lines:
-        if not line.name.startswith("tf_XLA"):  # XLA's CPU executor threads (others: python, runtime)
-          continue
-        for event in line.events:
-          # Loops and conditionals contain the ops inside them, which have events of their own.
-          if not event.name.startswith(("ThreadpoolListener", "ThunkExecutor", "Slinky", "end: ", "while",
-                                        "conditional")):
-            totals[event.name] += event.duration_ns
-  finally:
-    shutil.rmtree(directory)
-  return {name: ns / calls / 1e6 for name, ns in totals.items()}
+  """Per call: ``{op name: ms}``, self time summed over the XLA CPU threads' events (``profile_ops``' reader)."""
+  events, _ = profile_ops.trace_calls(lambda: jax.block_until_ready(fn(*args_fn())), calls)
+  times, _ = profile_ops.op_times(events)
+  return {name: ns / calls / 1e6 for name, ns in times.items()}
 
 
 def top_ops_text(times: dict, count: int = 6) -> str:
