@@ -122,6 +122,7 @@ def test_space_patching_bucket_equals_full_size():
   assert used["max_row_patches"] > model.config.patching.bucket_slots(T)[0]  # not the smallest bucket: cut above
 
 
+@pytest.mark.slow  # the property of the test above (about 13 s), under entropy patching and the reference's options
 def test_entropy_patching_reference_options_bucket_equals_full_size(entropy_lm):
   """The frozen entropy model patches before the step; the reference's options (completed patch: a byte may read
   its own patch's slot, cross-attention in every decoder layer)."""
@@ -136,7 +137,7 @@ def test_entropy_patching_reference_options_bucket_equals_full_size(entropy_lm):
 def test_truncated_refuses_slots_out_of_range():
   from bytescale.patching import patch
 
-  patches = patch(PatchingConfig("space"), jnp.asarray(text_rows("ab cd ")))
+  patches = jax.jit(lambda ids: patch(PatchingConfig("space"), ids))(text_rows("ab cd "))  # eagerly: an op a compile
   with pytest.raises(ValueError, match="slots"):
     patches.truncated(patches.max_patches + 1)
   with pytest.raises(ValueError, match="slots"):

@@ -30,7 +30,8 @@ def forward(model):
 
 
 def random_ids(rng, b, t):
-  return jnp.asarray(rng.integers(0, 256, size=(b, t)), jnp.int32)
+  # numpy, as are the edits below: eagerly, each jnp op would be compiled for its own shape.
+  return rng.integers(0, 256, size=(b, t)).astype(np.int32)
 
 
 def jitted(model, method):
@@ -48,7 +49,7 @@ def decode_logits(model, cache, ids):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_shapes_and_dtypes(dtype, rng):
   model = ByteLM(tiny_bytelm_config(dtype=dtype), rngs=nnx.Rngs(0))
-  out = model(random_ids(rng, 2, 12))
+  out = nnx.jit(lambda model, ids: model(ids))(model, random_ids(rng, 2, 12))
   assert out.logits_BxTxV.shape == (2, 12, vocab.VOCAB_SIZE)
   assert out.logits_BxTxV.dtype == jnp.float32
   assert out.hidden_BxTxD.dtype == jnp.dtype(dtype)
@@ -58,10 +59,11 @@ def test_shapes_and_dtypes(dtype, rng):
 
 def test_causality(forward, rng):
   ids = random_ids(rng, 1, 24)
-  seg = jnp.ones_like(ids)
+  seg = np.ones_like(ids)
   base = np.asarray(forward(ids, seg))
   for t in (0, 7, 15, 22):
-    changed = ids.at[0, t + 1:].set((ids[0, t + 1:] + 1) % 256)
+    changed = ids.copy()
+    changed[0, t + 1:] = (ids[0, t + 1:] + 1) % 256
     out = np.asarray(forward(changed, seg))
     np.testing.assert_array_equal(out[0, : t + 1], base[0, : t + 1])
     assert not np.allclose(out[0, t + 1:], base[0, t + 1:])
@@ -70,11 +72,11 @@ def test_causality(forward, rng):
 def test_documents_do_not_see_each_other(forward, rng):
   """A packed row gives each document exactly the logits it gets alone."""
   a, b = random_ids(rng, 1, 10), random_ids(rng, 1, 14)
-  packed = jnp.concatenate([a, b], axis=1)
-  seg = jnp.asarray([[1] * 10 + [2] * 14])
+  packed = np.concatenate([a, b], axis=1)
+  seg = np.asarray([[1] * 10 + [2] * 14], np.int32)
   out = np.asarray(forward(packed, seg))
-  assert_close(out[:, :10], forward(a, jnp.ones_like(a)), atol=1e-5)
-  assert_close(out[:, 10:], forward(b, jnp.ones_like(b)), atol=1e-5)
+  assert_close(out[:, :10], forward(a, np.ones_like(a)), atol=1e-5)
+  assert_close(out[:, 10:], forward(b, np.ones_like(b)), atol=1e-5)
 
 
 @pytest.mark.parametrize("window", [None, 5])
@@ -97,15 +99,17 @@ def test_ragged_prefill_and_rollback(model, forward, rng):
   ids = random_ids(rng, 3, 12)
   lengths = jnp.array([12, 5, 9])
   cache, logits = jitted(model, lambda m, ids, lengths: prefill(m, ids, lengths, 16)[:2])(ids, lengths)
+  logits = np.asarray(logits)
   for row, length in enumerate([12, 5, 9]):
-    own = forward(ids[row: row + 1, :length], jnp.ones((1, length), jnp.int32))
+    own = np.asarray(forward(ids[row: row + 1, :length], np.ones((1, length), np.int32)))
     assert_close(logits[row], own[0, -1], atol=2e-5)
   # Continue decoding one byte per row after the rollback: equal to the full forward on the extended row.
-  nxt = jnp.array([[7], [8], [9]])
+  nxt = np.array([[7], [8], [9]], np.int32)
   logits, _ = jitted(model, decode_logits)(cache, nxt)
+  logits = np.asarray(logits)
   for row, length in enumerate([12, 5, 9]):
-    extended = jnp.concatenate([ids[row: row + 1, :length], nxt[row: row + 1]], axis=1)
-    assert_close(logits[row, 0], forward(extended, jnp.ones_like(extended))[0, -1], atol=2e-5)
+    extended = np.concatenate([ids[row: row + 1, :length], nxt[row: row + 1]], axis=1)
+    assert_close(logits[row, 0], np.asarray(forward(extended, np.ones_like(extended)))[0, -1], atol=2e-5)
 
 
 def test_generate_reuses_its_compiled_sampler_and_reads_the_new_weights(tiny_config):
@@ -188,7 +192,7 @@ def test_nul_bytes_are_trained(model):
   only_nul = jnp.array([[0, 1, 1, 0, 0]], jnp.float32)
   value, grads = jax.jit(jax.value_and_grad(loss_at(only_nul)))(params)
   assert float(value) > 0
-  assert float(optax.tree.norm(grads)) > 0
+  assert sum(float(np.sum(np.square(g))) for g in jax.tree.leaves(grads)) > 0  # the gradient's squared norm
   _, count = masked_cross_entropy(jnp.zeros((1, 5, vocab.VOCAB_SIZE)), targets, jnp.ones((1, 5)))
   assert float(count) == 5
 

@@ -130,8 +130,8 @@ def run_case(name, spec, streaming=None):
     out = fa.flash_attention(q_, k_, v_, attention_mask, **kwargs)
     return jnp.sum(out.astype(jnp.float32) * wj), out
 
-  with fa.poison_outputs():
-    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(qj, kj, vj)
+  with fa.poison_outputs():  # jitted: forward and backward compile as one program (eagerly: each kernel on its own)
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(qj, kj, vj)
 
   for what, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), ref):
     got = np.asarray(got, np.float64)
@@ -178,9 +178,9 @@ def test_fully_masked_rows_are_zero_not_nan(streaming):
   kv_seg = jnp.asarray([[1] * 8 + [3] * 8 + [1] * 8])
   mask = AttentionMask(pos, pos, q_seg, kv_seg, causal=False)
   kw = dict(block_q=8, block_k=8, streaming=streaming)
-  with fa.poison_outputs():
-    out = fa.flash_attention(q, k, v, mask, **kw)
-    grads = jax.grad(lambda *a: jnp.sum(fa.flash_attention(*a, mask, **kw) ** 2), argnums=(0, 1, 2))(q, k, v)
+  grad_fn = jax.grad(lambda *a: jnp.sum(fa.flash_attention(*a, mask, **kw) ** 2), argnums=(0, 1, 2))
+  with fa.poison_outputs():  # jitted: one compile (eagerly: each kernel on its own)
+    out, grads = jax.jit(lambda *a: (fa.flash_attention(*a, mask, **kw), grad_fn(*a)))(q, k, v)
   out = np.asarray(out)
   assert np.all(out[0, 8:] == 0.0) and np.all(np.abs(out[0, :8]).sum(-1) > 0)
   for grad in grads:

@@ -35,12 +35,19 @@ def fixture(name):
   return os.path.join(FIXTURES, name)
 
 
+_LOADED = {}
+
+
+def load(name):
+  """(name, model, golden arrays) of a fixture config, loaded once."""
+  if name not in _LOADED:
+    _LOADED[name] = name, convert.load_hf_model(fixture(name)), dict(np.load(os.path.join(fixture(name), "golden.npz")))
+  return _LOADED[name]
+
+
 @pytest.fixture(scope="module", params=CONFIGS)
 def loaded(request):
-  """(name, model, golden arrays) per fixture config, loaded once."""
-  name = request.param
-  model = convert.load_hf_model(fixture(name))
-  return name, model, dict(np.load(os.path.join(fixture(name), "golden.npz")))
+  return load(request.param)
 
 
 def our_ids(reference_ids):
@@ -50,12 +57,13 @@ def our_ids(reference_ids):
 def test_logits_entropies_and_patches_equal_transformers(loaded):
   name, model, golden = loaded
   forward = nnx.jit(lambda m, ids: m.forward(ids))
+  entropies_of = nnx.jit(lambda m, ids: m.entropies(ids))  # eagerly, each of its ops would compile on its own
   for i in range(3):
     ids = our_ids(golden[f"ids_{i}"])
     out, patches = forward(model, ids)
     logits = np.asarray(out.logits_BxTxV[0])[:, REFERENCE_COLUMNS]
     np.testing.assert_allclose(logits, golden[f"logits_{i}"], atol=1e-4, rtol=0, err_msg=f"{name} string {i}")
-    entropies = np.asarray(model.entropies(ids)[0])
+    entropies = np.asarray(entropies_of(model, ids)[0])
     np.testing.assert_allclose(entropies, golden[f"entropies_{i}"], atol=1e-4, rtol=0)
     lengths = np.asarray(patches.lengths_BxM[0])
     hf_lengths = golden[f"patch_lengths_{i}"]
@@ -64,11 +72,16 @@ def test_logits_entropies_and_patches_equal_transformers(loaded):
     assert int(patches.num_patches_B[0]) >= 5
 
 
-def test_greedy_generation_equals_transformers(loaded):
+# Decoding compiles twice per config (about 8 s each): the default run decodes the config with max_patch_length
+# (forced patch ends while decoding); the other two are slow (their forward is checked above, decoding by
+# test_reference_options_decode_equals_forward_over_the_bytes_so_far).
+@pytest.mark.parametrize("config", [c if c == "max_patch_sharded" else pytest.param(c, marks=pytest.mark.slow)
+                                    for c in CONFIGS])
+def test_greedy_generation_equals_transformers(config):
   """Cached greedy decoding (the prompt in one decode call, then one byte per call) reproduces transformers'
   ``generate``. transformers' argmax runs over all 260 ids (special ids included, no stop at EOS), so this loop
   does too; ``bytescale generate`` never emits BOS/PAD/RESERVED (see the CLI test)."""
-  name, model, golden = loaded
+  name, model, golden = load(config)
   decode = nnx.jit(lambda m, cache, x: m.decode(cache, x))
   max_len = max(len(golden[f"prompt_ids_{i}"]) + len(golden[f"generated_{i}"]) for i in range(3))
   for i in range(3):
@@ -187,7 +200,8 @@ def test_export_refuses_a_model_transformers_cannot_express():
 
 # --- The reference options on their own (no fixture): cached decoding equals the forward pass ---------------
 
-@pytest.mark.parametrize("max_patch_length", [None, 3])
+# Each case compiles the forward at 7 lengths (about 20 s): the default run keeps the one with forced splits too.
+@pytest.mark.parametrize("max_patch_length", [pytest.param(None, marks=pytest.mark.slow), 3])
 def test_reference_options_decode_equals_forward_over_the_bytes_so_far(max_patch_length, rng):
   """With ``decoder_context='completed_patch'`` a byte's decoder reads its own patch when it closes it, and the
   row's last byte reads as transformers' forward does; every decode call's logits equal the forward pass over the
@@ -227,17 +241,33 @@ print("ok")
 """
 
 
-def test_load_places_arrays_on_their_shardings():
-  """Loading onto a 2-device mesh (a subprocess with two simulated CPU devices) shards the arrays by their logical
-  names and computes the same logits."""
+def load_sharded(directory):
+  """SHARDED_LOAD in a subprocess with two simulated CPU devices: a BACKGROUND job (conftest), so it runs on the
+  core this process leaves idle while the tests before it run."""
   import subprocess
   import sys
 
   from tests.conftest import subprocess_env
 
   code = SHARDED_LOAD.format(path=fixture("two_hash_gqa"))
-  result = subprocess.run([sys.executable, "-c", code], env=subprocess_env(devices=2), capture_output=True, text=True,
-                          timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+  return subprocess.run([sys.executable, "-c", code], env=subprocess_env(devices=2), capture_output=True, text=True,
+                        timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+BACKGROUND = {"sharded_load": load_sharded}
+
+
+@pytest.fixture(scope="module")
+def sharded_load(request):
+  from conftest import background_result  # the module pytest loaded, which started the job
+
+  return background_result(load_sharded, request)
+
+
+def test_load_places_arrays_on_their_shardings(sharded_load):
+  """Loading onto a 2-device mesh (a subprocess with two simulated CPU devices) shards the arrays by their logical
+  names and computes the same logits."""
+  result = sharded_load
   assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
 
 

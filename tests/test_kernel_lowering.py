@@ -301,12 +301,12 @@ def test_accelerator_configs_match_reference_in_interpret_mode(backend, rng):
   for got, want in zip(*grads):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-4)
   # The visit counter (its own output spec) counts exactly the kv blocks the block table marks.
-  table, visits = fa.block_visits(q, k, v, mask, backend=backend, interpret=True)
+  table, visits = jax.jit(lambda q, k, v: fa.block_visits(q, k, v, mask, backend=backend, interpret=True))(q, k, v)
   want_visits = np.broadcast_to(np.asarray(table).sum(-1)[:, None], (b, h, table.shape[1]))
   np.testing.assert_array_equal(np.asarray(visits), want_visits)
 
   x = jnp.asarray(rng.normal(size=(2, 90, 200)), jnp.float32)
   ids = jnp.asarray(np.sort(rng.integers(-1, 25, size=(2, 90)), axis=1), jnp.int32)
   for op in ("mean", "max"):
-    got = pp.patch_pool(x, ids, 24, op, backend=backend, interpret=True)
+    got = jax.jit(lambda x, ids: pp.patch_pool(x, ids, 24, op, backend=backend, interpret=True))(x, ids)
     np.testing.assert_allclose(np.asarray(got), np.asarray(segment_pool_reference(x, ids, 24, op)), atol=1e-5)

@@ -46,11 +46,29 @@ def _decode(model, cache, ids):
   return out.logits_BxTxV, cache
 
 
+_BUILT = {}
+
+
+def built(name):
+  """``(name, ids, model, state, forward, decode)`` of a rope type, built once: every test of that type shares the
+  compiled forward (one compilation per length) and decode."""
+  if name not in _BUILT:
+    config = {"longrope": LONGROPE, "dynamic": DYNAMIC, "factor_sets": SETS}[name]
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, 256, size=(2, TOTAL)), jnp.int32)
+    _BUILT[name] = (name, ids, *build(config))
+  return _BUILT[name]
+
+
 @pytest.fixture(scope="module", params=["longrope", "dynamic", "factor_sets"])
 def setup(request):
-  config = {"longrope": LONGROPE, "dynamic": DYNAMIC, "factor_sets": SETS}[request.param]
-  ids = jnp.asarray(np.random.default_rng(1).integers(0, 256, size=(2, TOTAL)), jnp.int32)
-  return (request.param, ids, *build(config))
+  return built(request.param)
+
+
+# The chunk, rollback and mixed-regime tests: plain LongRoPE (one switch) is slow only, factor_sets (three
+# switches, the same mechanism) and dynamic run by default.
+@pytest.fixture(scope="module", params=[pytest.param("longrope", marks=pytest.mark.slow), "dynamic", "factor_sets"])
+def switching(request):
+  return built(request.param)
 
 
 def test_the_switch_changes_the_logits_so_the_decode_tests_can_fail(setup):
@@ -73,16 +91,16 @@ def test_token_by_token_decoding_equals_the_full_forward_at_every_length(setup):
   assert np.asarray(cache.lengths_B).tolist() == [TOTAL, TOTAL]
 
 
-def test_a_chunk_crossing_the_switch_equals_the_full_forward_at_its_end(setup):
-  _, ids, model, state, forward, decode = setup
+def test_a_chunk_crossing_the_switch_equals_the_full_forward_at_its_end(switching):
+  _, ids, model, state, forward, decode = switching
   cache = model.init_cache(2, 32)
   _, cache = decode(state, cache, ids[:, :12])
   logits, cache = decode(state, cache, ids[:, 12:21])  # 12 -> 21 crosses L = 16 inside the chunk
   assert_close(logits, forward(state, ids[:, :21])[:, 12:], atol=2e-5)
 
 
-def test_rollback_back_below_the_switch_and_decoding_on(setup):
-  _, ids, model, state, forward, decode = setup
+def test_rollback_back_below_the_switch_and_decoding_on(switching):
+  _, ids, model, state, forward, decode = switching
   cache = model.init_cache(2, 32)
   _, cache = decode(state, cache, ids[:, :24])  # long regime
   cache = model.rollback(cache, jnp.array([10, 10]))  # 14 tokens left: short regime again
@@ -91,9 +109,9 @@ def test_rollback_back_below_the_switch_and_decoding_on(setup):
     assert_close(logits[:, 0], forward(state, ids[:, :n])[:, -1], atol=2e-5, what=f"length {n}")
 
 
-def test_rows_at_lengths_in_different_regimes_each_match_their_own_forward(setup):
+def test_rows_at_lengths_in_different_regimes_each_match_their_own_forward(switching):
   """One row past the switch, one before it: each uses its own length's rotation in the same step."""
-  _, ids, model, state, forward, decode = setup
+  _, ids, model, state, forward, decode = switching
   cache = model.init_cache(2, 32)
   _, cache = decode(state, cache, ids[:, :20])
   cache = model.rollback(cache, jnp.array([0, 8]))  # row 0 at 20 tokens, row 1 at 12
