@@ -133,6 +133,29 @@ def top_ops_text(times: dict, count: int = 6) -> str:
   return ", ".join(f"{name} {ms:.2f}" for name, ms in ranked)
 
 
+def streaming_floor(floats: int, steps: int, rounds: int) -> list[float]:
+  """Seconds per step of the cheapest way found to read ``floats`` float32 numbers once per step: one matvec (a
+  ``1 x 256`` row times a ``256 x floats/256`` matrix), ``steps`` per jitted ``fori_loop`` call as in the decode
+  loop. A decode step reads at least its weights and caches once: this is its floor here."""
+  width = 256
+  matrix = jnp.full((width, -(-floats // width)), 1e-3, jnp.float32)
+
+  @jax.jit
+  def run(x_BxD, matrix):
+    def body(_, x_BxD):
+      return x_BxD + 1e-6 * (x_BxD @ matrix)[:, :width]
+    return jax.lax.fori_loop(0, steps, body, x_BxD)
+
+  x_BxD = jnp.ones((1, width), jnp.float32)
+  jax.block_until_ready(run(x_BxD, matrix))
+  seconds = []
+  for _ in range(rounds):
+    start = time.perf_counter()
+    jax.block_until_ready(run(x_BxD, matrix))
+    seconds.append((time.perf_counter() - start) / steps)
+  return seconds
+
+
 def timed_rounds(runs: dict, state, steps: int, rounds: int) -> dict:
   """Seconds per step of each run, ``rounds`` times, alternating (two warm-up calls each: compilation)."""
   def call(name):
@@ -191,7 +214,11 @@ def main():
     if difference > 1e-4:
       raise SystemExit(f"the two layouts disagree at batch {batch}: max |logit difference| {difference}")
     times = timed_rounds(runs, state, args.steps, rounds)
-    for name in runs:
+    # Parameters plus both caches of every layer (the attention reads every slot of them at each step).
+    cache_floats = 2 * c.num_layers * batch * c.num_kv_heads * SLOTS * c.head_dim
+    floats = sum(x.size for x in jax.tree.leaves(state)) + cache_floats
+    times[f"floor: {4 * floats / 2**20:.1f} MiB read once"] = streaming_floor(floats, args.steps, rounds)
+    for name in times:
       ms = 1e3 * np.median(times[name])
       step_rows.append(f"| {batch} | {name} | {ms:.2f} | {', '.join(f'{1e3 * t:.2f}' for t in times[name])} | "
                        f"{batch / ms * 1e3:.0f} |")
@@ -273,7 +300,9 @@ def main():
       f"dim {c.head_dim}), float32, cache of {SLOTS} slots filled to {FILLED}, greedy, {args.steps} steps per jitted "
       f"`fori_loop` call, cache donated. `library`: `model.decode` as it is now; `legacy LxBxSxGxK`: the previous "
       f"cache (keys and values stacked `LxBxSxGxK`, a `lax.scan` over the layers), rebuilt in this script from the "
-      f"same modules (same logits checked).",
+      f"same modules (same logits checked). `floor`: the time to read the parameters and both caches once per step "
+      f"(one matvec-shaped matmul over a matrix of their size, `streaming_floor`), measured right after: a step "
+      f"cannot be faster than this on this machine.",
       "",
       "Decode step (median of alternating rounds):",
       "",

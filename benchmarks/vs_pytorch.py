@@ -51,7 +51,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import DEFAULT_CORPUS, LineWorker, corpus_bytes, cpu_description, random_windows  # noqa: E402  (no jax here: peer workers import this file)
+from common import DEFAULT_CORPUS, LineWorker, corpus_bytes, cpu_description, random_windows, time_call  # noqa: E402  (no jax here: peer workers import this file)
 
 RESULTS = os.path.join(HERE, "RESULTS_vs_pytorch.md")
 DEFAULT_PEER_PYTHON = "/tmp/bytescale-peer-venv/bin/python"
@@ -75,6 +75,7 @@ MEGABYTE_SHAPE = dict(dims=(512, 256), depths=(6, 4), heads=8, head_dim=64, patc
 BLT_SHAPE = dict(d_e=128, l_e=1, heads_e=4, mlp_e=352, d_g=256, l_g=4, heads_g=8, mlp_g=704, d_d=128, l_d=2, heads_d=4,
            mlp_d=352, window=128, k=2, ngrams=(3, 4, 5, 6, 7, 8), buckets=8192, patches_ratio=0.5)
 ADAMW = dict(lr=3e-4, b1=0.9, b2=0.95, weight_decay=0.1, clip=1.0)
+PEAK_SIZE = 1024  # the square float32 matmul each side's peak is measured with (as benchmarks/throughput.py does)
 
 
 # --- Data and patches (numpy only: both venvs run this) --------------------------------------------------------
@@ -133,6 +134,7 @@ class JaxWorker:
     self.jax, self.np, self.nnx, self.frame_prompts = jax, np, nnx, frame_prompts
     self.model_name, self.seq_lens = model_name, args.seq_lens
     config, loss_fn = getattr(self, f"_{model_name}")(max(args.seq_lens))
+    self.config = config
     model = build_model(config, seed=0)
     sampler_graphdef, _ = nnx.split(model)
     train_config = TrainConfig(steps=10**6, batch_size=1, seq_len=max(args.seq_lens), learning_rate=ADAMW["lr"],
@@ -245,8 +247,27 @@ class JaxWorker:
       self.state, metrics = self.step(self.state, batch)
       loss = float(metrics["loss"])  # blocks until the step is done
       times.append(time.perf_counter() - start)
-    return {"step_seconds": times, "loss": loss, "rows": BATCH[self.model_name, t],
-            "patches_per_row": statistics.mean(patch_counts) if patch_counts else None}
+    patches_per_row = statistics.mean(patch_counts) if patch_counts else None
+    return {"step_seconds": times, "loss": loss, "rows": BATCH[self.model_name, t], "patches_per_row": patches_per_row,
+            "flops_per_byte": self.training_flops_per_byte(t, patches_per_row)}
+
+  def training_flops_per_byte(self, t, patches_per_row):
+    """Model FLOPs of one trained byte (``bytescale.flops``, exact convention: forward + backward = 3 x forward, no
+    recomputation counted); BLT at the patch size the batch had."""
+    if self.model_name == "blt":
+      from bytescale.models.blt import flops_per_byte
+
+      return flops_per_byte(self.config, t, t / patches_per_row).training
+    from bytescale.models.registry import flops_per_byte
+
+    return flops_per_byte(self.config, t).training
+
+  def matmul_peak(self):
+    import jax.numpy as jnp
+
+    a = jnp.ones((PEAK_SIZE, PEAK_SIZE), jnp.float32)
+    matmul = self.jax.jit(lambda x, y: x @ y)
+    return {"flops_per_second": 2 * PEAK_SIZE**3 / time_call(lambda: matmul(a, a).block_until_ready())}
 
   def generate(self, batch):
     ids, lengths = self.frame_prompts([bytes(row.astype("uint8")) for row in prompts(self.data, batch, False)])
@@ -312,6 +333,10 @@ class TorchWorker:
 
   def extras(self, inputs_BxT):
     return None
+
+  def matmul_peak(self):
+    a = self.torch.ones((PEAK_SIZE, PEAK_SIZE), dtype=self.torch.float32)
+    return {"flops_per_second": 2 * PEAK_SIZE**3 / time_call(lambda: a @ a)}
 
   def loss(self, inputs, targets, extras):
     logits = self.logits(inputs, extras)
@@ -448,6 +473,8 @@ def run_worker(side: str, model_name: str, args):
       break
     if command["cmd"] == "train":
       result = worker.train(command["seq_len"], command["steps"])
+    elif command["cmd"] == "peak":
+      result = worker.matmul_peak()
     else:
       result = worker.generate(command["batch"])
     print(json.dumps(result), flush=True)
@@ -468,6 +495,7 @@ class WorkerProcess(LineWorker):
                      f"/tmp/vs_pytorch.{model_name}.{side}.log", env, quit_timeout=120)
     self.steps = {}  # seq_len -> [seconds]
     self.rows, self.losses, self.patches, self.generation = {}, {}, {}, {}
+    self.flops_per_byte, self.peaks = {}, {}  # seq_len -> model FLOPs per byte (bytescale's side), [FLOP/s]
 
 
 class Progress:
@@ -489,9 +517,13 @@ def compare(model_name: str, args, progress) -> list[WorkerProcess]:
     for t in args.seq_lens:
       for r in range(args.rounds):
         for w in (pair if r % 2 == 0 else pair[::-1]):
+          # Each side's matmul peak just before its steps: the machine's speed drifts within a run.
+          w.peaks.setdefault(t, []).append(w.ask({"cmd": "peak"})["flops_per_second"])
           result = w.ask({"cmd": "train", "seq_len": t, "steps": args.steps_per_round})
           w.steps.setdefault(t, []).extend(result["step_seconds"])
           w.rows[t], w.losses[t], w.patches[t] = result["rows"], result["loss"], result["patches_per_row"]
+          if "flops_per_byte" in result:
+            w.flops_per_byte[t] = result["flops_per_byte"]
           progress(f"{model_name} {t} bytes, round {r + 1}/{args.rounds}, {w.name}: "
                    f"steps {', '.join('%.2f' % s for s in result['step_seconds'])} s")
     for i, b in enumerate(args.generate_batches):
@@ -513,6 +545,32 @@ def train_rate(w, t):
 def generate_rate(w, b):
   g = w.generation[b]
   return g["rows"] * g["bytes_per_row"] / g["seconds"]
+
+
+def flops_table(args, results: dict, bold: str) -> list[str]:
+  """Training rates as FLOP/s against each side's float32 matmul peak, measured in the same rounds: how close each
+  side is to what this machine's matmuls allow, and what "2x the peer" would take."""
+  lines = ["### Training against the matmul peak", "",
+           f"Model FLOPs per trained byte from `bytescale.flops` (exact convention: forward + backward = 3 x forward, "
+           f"causal attention as the keys each query sees, no recomputation), the same count for both sides (equal "
+           f"shapes; BLT at the measured patch size). Matmul peak: a {PEAK_SIZE}-square float32 matmul in each "
+           f"worker's framework, measured just before each of its training rounds (median). \"2x the peer needs\": "
+           f"twice the peer's FLOP/s, as a share of bytescale's (JAX's) peak: above 100%, the same FLOPs would have to "
+           f"run faster than this machine's large float32 matmul does.", "",
+           "| model | bytes/row | model MFLOP/byte | matmul peak GFLOP/s JAX / torch | bytescale MFU "
+           "| peer, of torch's peak | peer, of JAX's peak | 2x the peer needs (of JAX's peak) |",
+           "|---|---|---|---|---|---|---|---|"]
+  for model_name, (ours, peer) in results.items():
+    for t in args.seq_lens:
+      flops = ours.flops_per_byte.get(t)
+      if not flops:
+        continue
+      jax_peak, torch_peak = statistics.median(ours.peaks[t]), statistics.median(peer.peaks[t])
+      ours_fps, peer_fps = train_rate(ours, t) * flops, train_rate(peer, t) * flops
+      lines.append(f"| {model_name} vs {peer.name} | {t} | {flops / 1e6:.1f} | {jax_peak / 1e9:.0f} / "
+                   f"{torch_peak / 1e9:.0f} | {100 * ours_fps / jax_peak:.1f}% | {100 * peer_fps / torch_peak:.1f}% | "
+                   f"{100 * peer_fps / jax_peak:.1f}% | {bold}{200 * peer_fps / jax_peak:.0f}%{bold} |")
+  return lines
 
 
 def report(args, results: dict, machine_at_start: str, command: str, loaded: bool) -> tuple[str, str]:
@@ -546,7 +604,7 @@ def report(args, results: dict, machine_at_start: str, command: str, loaded: boo
                    f"{peer.meta['params']:,} | {train_rate(ours, t):,.0f} | {train_rate(peer, t):,.0f} | "
                    f"{bold}{train_rate(ours, t) / train_rate(peer, t):.2f}x{bold} | {ours.losses[t]:.3f} / "
                    f"{peer.losses[t]:.3f} |")
-  lines += ["", "### Greedy generation", "",
+  lines += ["", *flops_table(args, results, bold), "", "### Greedy generation", "",
             "| model | batch | bytescale bytes/s (bytes/row) | peer bytes/s (bytes/row) | bytescale / peer |",
             "|---|---|---|---|---|"]
   for model_name, (ours, peer) in results.items():
