@@ -122,6 +122,17 @@ def _compiled(graphdef, max_new: int, max_len: int, args):
   return _COMPILED[key]
 
 
+def _speculative_program(model, prompts: list[bytes], max_new_bytes: int):
+  """``(compiled decoder, its arguments, compile seconds)``."""
+  ids, lengths = frame_prompts(prompts)
+  graphdef, params = nnx.split(model)
+  block = getattr(model, "num_heads", 1)
+  args = (params, jnp.asarray(ids), jnp.asarray(lengths))
+  tick = time.perf_counter()
+  compiled = _compiled(graphdef, max_new_bytes, cache_length(ids.shape[1], max_new_bytes, block), args)
+  return compiled, args, time.perf_counter() - tick
+
+
 def speculative_generate(model, prompts: list[bytes], max_new_bytes: int, *,
                          stop_at_eos: bool = True) -> SpeculativeResult:
   """Greedy continuation of every prompt, ``max_new_bytes`` each, drafted by the model's heads."""
@@ -130,13 +141,7 @@ def speculative_generate(model, prompts: list[bytes], max_new_bytes: int, *,
   if not callable(getattr(model, "draft", None)):
     raise ValueError(f"{type(model).__name__} has no draft heads; train with --set mtp_heads=N for speculative "
                      "decoding")
-  ids, lengths = frame_prompts(prompts)
-  graphdef, params = nnx.split(model)
-  block = getattr(model, "num_heads", 1)
-  args = (params, jnp.asarray(ids), jnp.asarray(lengths))
-  tick = time.perf_counter()
-  compiled = _compiled(graphdef, max_new_bytes, cache_length(ids.shape[1], max_new_bytes, block), args)
-  compile_seconds = time.perf_counter() - tick
+  compiled, args, compile_seconds = _speculative_program(model, prompts, max_new_bytes)
   tick = time.perf_counter()
   tokens, forwards, steps = jax.block_until_ready(compiled(*args))
   seconds = time.perf_counter() - tick
@@ -145,9 +150,8 @@ def speculative_generate(model, prompts: list[bytes], max_new_bytes: int, *,
   return SpeculativeResult(texts, tokens, np.asarray(forwards), int(steps), seconds, compile_seconds)
 
 
-def greedy_tokens(model, prompts: list[bytes], max_new_bytes: int):
-  """Plain greedy decoding (``bytescale.generate``'s sampler at temperature 0): ``(tokens_BxM, seconds)`` with
-  compilation excluded, for side-by-side timing."""
+def _greedy_program(model, prompts: list[bytes], max_new_bytes: int):
+  """``(compiled plain greedy sampler, its arguments)``."""
   from bytescale.generate import SamplingConfig, make_sampler
 
   ids, lengths = frame_prompts(prompts)
@@ -157,7 +161,21 @@ def greedy_tokens(model, prompts: list[bytes], max_new_bytes: int):
   if key not in _COMPILED:
     run = make_sampler(graphdef, max_new_bytes, SamplingConfig(temperature=0.0), ids.shape[1] + max_new_bytes)
     _COMPILED[key] = run.lower(*args).compile()
-  compiled = _COMPILED[key]
+  return _COMPILED[key], args
+
+
+def greedy_tokens(model, prompts: list[bytes], max_new_bytes: int):
+  """Plain greedy decoding (``bytescale.generate``'s sampler at temperature 0): ``(tokens_BxM, seconds)`` with
+  compilation excluded, for side-by-side timing."""
+  compiled, args = _greedy_program(model, prompts, max_new_bytes)
   tick = time.perf_counter()
   tokens = jax.block_until_ready(compiled(*args))
   return np.asarray(tokens), time.perf_counter() - tick
+
+
+def decoder_programs(model, prompts: list[bytes], max_new_bytes: int) -> dict:
+  """The compiled programs :func:`speculative_generate` and :func:`greedy_tokens` run for these arguments (compiled
+  now if they were not yet), for profiling: ``{"speculative": (compiled, args), "greedy": (compiled, args)}``;
+  ``compiled(*args)`` runs one whole decode, ``compiled.as_text()`` is its HLO."""
+  speculative, args, _ = _speculative_program(model, prompts, max_new_bytes)
+  return {"speculative": (speculative, args), "greedy": _greedy_program(model, prompts, max_new_bytes)}

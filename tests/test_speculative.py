@@ -15,7 +15,7 @@ from bytescale import configs, vocab
 from bytescale.data.pipeline import ByteCorpus, DataConfig
 from bytescale.ops.sampling import allowed_logits
 from bytescale.models.mtp import MultiTokenConfig
-from bytescale.speculative import accepted_lengths, greedy_tokens, speculative_generate
+from bytescale.speculative import accepted_lengths, decoder_programs, greedy_tokens, speculative_generate
 from bytescale.train.metrics import read_jsonl
 from tests.conftest import tiny_bytelm_config
 
@@ -130,6 +130,30 @@ def test_random_weights_identical_to_greedy():
   assert result.tokens.shape == (3, 64) and (result.forwards <= 64).all()
   assert result.forwards.tolist() == simulated_forwards(model, PROMPTS, result.tokens)
   assert result.steps == result.forwards.max() - 1  # the batch steps until its slowest row is done
+
+
+def test_decoder_programs_are_the_programs_timed():
+  """``decoder_programs`` hands out the very programs ``speculative_generate``/``greedy_tokens`` run (profiling reads
+  them): running them decodes the same bytes both ways, and the timed calls afterwards compile nothing."""
+  model = build("parallel", seed=3)
+  programs = decoder_programs(model, PROMPTS, 48)  # a length no other test decodes: compiled here
+  compiled, args = programs["speculative"]
+  tokens, forwards, steps = compiled(*args)
+  compiled, args = programs["greedy"]
+  np.testing.assert_array_equal(np.asarray(tokens), np.asarray(compiled(*args)))
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    result = assert_identical(model, PROMPTS, 48)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == []
+  assert result.forwards.tolist() == np.asarray(forwards).tolist() and result.steps == int(steps)
 
 
 def test_no_compilation_after_the_first_call(trained):
