@@ -1,5 +1,6 @@
 """Self-speculative decoding: drafts equal a full-forward reference, output equals plain greedy decoding."""
 
+import contextlib
 import json
 import os
 
@@ -123,6 +124,22 @@ def simulated_forwards(model, prompts, tokens_BxM):
   return forwards
 
 
+@contextlib.contextmanager
+def counted_compiles():
+  """The XLA compilations that happen inside the block, as a list of events."""
+  compiles = []
+
+  def listener(event, duration, **kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield compiles
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+
+
 def test_random_weights_identical_to_greedy():
   # Sequential heads and patch-model trunks: test_models_identical_to_greedy (slow).
   model = build("parallel", seed=3)
@@ -141,17 +158,8 @@ def test_decoder_programs_are_the_programs_timed():
   tokens, forwards, steps = compiled(*args)
   compiled, args = programs["greedy"]
   np.testing.assert_array_equal(np.asarray(tokens), np.asarray(compiled(*args)))
-  compiles = []
-
-  def listener(event, duration, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiles.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with counted_compiles() as compiles:
     result = assert_identical(model, PROMPTS, 48)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   assert compiles == []
   assert result.forwards.tolist() == np.asarray(forwards).tolist() and result.steps == int(steps)
 
@@ -163,17 +171,8 @@ def test_no_compilation_after_the_first_call(trained):
   first = assert_identical(result.model, PROMPTS, 64)
   others = [b"def f6(x):\n", b"\x02\xfd rubbish \x00", b"ret"]
   assert [len(p) for p in others] == [len(p) for p in PROMPTS]
-  compiles = []
-
-  def listener(event, duration, **kwargs):
-    if event == "/jax/core/compile/backend_compile_duration":
-      compiles.append(event)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
+  with counted_compiles() as compiles:
     second = assert_identical(result.model, others, 64)
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)
   assert compiles == []
   assert second.forwards.tolist() != first.forwards.tolist()  # the steps accepted other lengths
 
