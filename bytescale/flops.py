@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 
 from bytescale.configs import TransformerConfig
-from bytescale.ops.attention import packed_block_size
+from bytescale.ops.attention import packed_block_size, unrolled_block_loops
 
 CONVENTIONS = ("spacebyte", "exact")
 ATTENTION_COUNTS = ("causal", "dense")
@@ -168,11 +168,12 @@ def xla_flops(fn, *args) -> float:
   run: ``args`` may be ``jax.ShapeDtypeStruct``s).
 
   XLA counts the body of a loop once, whatever its trip count: compare models built with
-  ``scan_layers=False``.
+  ``scan_layers=False``; attention's loops over blocks are unrolled here (``unrolled_block_loops``).
   """
   import jax
 
-  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+  with unrolled_block_loops():  # a fresh function: a trace of ``fn`` cached outside the context is not reused
+    analysis = jax.jit(lambda *a: fn(*a)).lower(*args).compile().cost_analysis()
   if isinstance(analysis, list):
     analysis = analysis[0]
   return float(analysis["flops"])

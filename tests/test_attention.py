@@ -176,6 +176,28 @@ def test_blocked_packed_attention_gradients_equal_the_dense_path(g):
       np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=2e-4)
 
 
+def test_banded_schedule_unrolled_equals_the_float64_loop_and_the_dense_gradients():
+  """A window shorter than the row takes the banded schedule; unrolled (as ``flops.xla_flops`` traces it) it must
+  give what the float64 loop gives, and the dense path's gradients."""
+  from bytescale.ops.attention import attention_reference, blocked_packed_attention
+
+  rng = np.random.default_rng(5)
+  b, t, h, g, d, window = 2, 70, 4, 2, 8, 12  # blocks of 8: bands of 3 blocks, a ragged last block
+  seg = _packed_rows(rng, b, t)
+  q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) for n in (h, g, g))
+  w = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+  mask = AttentionMask.packed_row(jnp.asarray(seg), window=window)
+  unrolled = lambda *a: blocked_packed_attention(*a, mask, unroll=True)  # noqa: E731
+  pos = np.asarray(segment_positions(jnp.asarray(seg)))
+  expected = brute_force_attention(q, k, v, pos, pos, seg, seg, True, window, d**-0.5)
+  np.testing.assert_allclose(np.asarray(jax.jit(unrolled)(q, k, v)), expected, atol=2e-5, rtol=2e-5)
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a) * w)  # noqa: E731
+  got = jax.jit(jax.grad(loss(unrolled), argnums=(0, 1, 2)))(q, k, v)
+  want = jax.jit(jax.grad(loss(lambda *a: attention_reference(*a, mask)), argnums=(0, 1, 2)))(q, k, v)
+  for got_x, want_x in zip(got, want):
+    np.testing.assert_allclose(np.asarray(got_x), np.asarray(want_x), atol=2e-5, rtol=2e-4)
+
+
 def test_packed_row_mask_is_the_self_attention_mask_of_contiguous_documents():
   seg = jnp.asarray([[1, 1, 2, 2, 2, 0], [3, 3, 3, 1, 1, 1]])
   packed = AttentionMask.packed_row(seg, window=2)

@@ -41,7 +41,8 @@ def entropy_lm():
 def threshold(entropy_lm):
   """The median entropy of the (random) entropy model, so that about every other byte opens a patch."""
   ids = random_ids(np.random.default_rng(5), 4, 64)
-  return float(np.median(np.asarray(entropy.compute_entropies(entropy_lm, ids))))
+  entropies = nnx.jit(entropy.compute_entropies)(entropy_lm, ids)  # eagerly, each op would compile on its own
+  return float(np.median(np.asarray(entropies)))
 
 
 def blt_config(patching_config):
@@ -281,19 +282,21 @@ def test_segment_local_attention_equals_dense_segment_masked_attention(rng):
   local = lambda q, keys, values: attention(  # noqa: E731  (the XLA dispatch takes segment_local_attention)
       q.reshape(b, k * nq, h, d), keys, values, local_mask, impl="xla").reshape(b, k, nq, h, d)
   expected = dense(q, keys, values)
-  assert_close(local(q, keys, values), expected, atol=1e-5)
+  # The implementations under test run jitted, as the models call them (eagerly, each op would compile on its own).
+  assert_close(jax.jit(local)(q, keys, values), expected, atol=1e-5)
   # The same mask through the Pallas kernel (interpret mode here): one mask value for every implementation.
-  pallas = attention(q.reshape(b, k * nq, h, d), keys, values, local_mask, impl="pallas").reshape(b, k, nq, h, d)
+  pallas = jax.jit(lambda q, keys, values: attention(q.reshape(b, k * nq, h, d), keys, values, local_mask,
+                                                     impl="pallas"))(q, keys, values).reshape(b, k, nq, h, d)
   assert_close(pallas, expected, atol=1e-5)
   assert float(jnp.abs(expected[0, 2]).max()) == 0 and float(jnp.abs(expected[1, 3]).max()) == 0
-  grad = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2))(q, keys, values)  # noqa: E731
-  for actual, wanted in zip(grad(local), grad(dense)):
+  grad = lambda f: jax.grad(lambda *a: jnp.sum(f(*a) * w), argnums=(0, 1, 2))  # noqa: E731
+  for actual, wanted in zip(jax.jit(grad(local))(q, keys, values), grad(dense)(q, keys, values)):
     assert_close(actual, wanted, atol=1e-5)
 
 
 def test_config_errors(tmp_path):
-  with pytest.raises(ConfigError, match="entropy_model"):
-    BLT(registry.get_preset("blt", "tiny"), rngs=nnx.Rngs(0))
+  with pytest.raises(ConfigError, match="entropy_model"):  # built abstractly: no parameter is initialised
+    nnx.eval_shape(lambda: BLT(registry.get_preset("blt", "tiny"), rngs=nnx.Rngs(0)))
   missing = configs.replace_path(registry.get_preset("blt", "tiny"), "entropy_model", str(tmp_path / "missing"))
   with pytest.raises(ConfigError, match="entropy_model.*does not exist"):
     resolve_entropy_model(missing)

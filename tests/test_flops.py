@@ -221,8 +221,10 @@ def blt_config(stride, width, **fields):
                    **fields)
 
 
-@pytest.mark.parametrize("stride, width, seq_len", [(2, 64, 128), (4, 64, 128), (8, 64, 128), (4, 128, 256),
-                                                     (8, 128, 256)])
+# Width 128 at 256 bytes repeats the width-64 checks at twice the size: slow only.
+@pytest.mark.parametrize("stride, width, seq_len", [(2, 64, 128), (4, 64, 128), (8, 64, 128),
+                                                     pytest.param(4, 128, 256, marks=pytest.mark.slow),
+                                                     pytest.param(8, 128, 256, marks=pytest.mark.slow)])
 def test_blt_forward_matches_xla(stride, width, seq_len):
   config = blt_config(stride, width)
   graphdef, state = abstract(lambda: BLT(config, rngs=nnx.Rngs(0)))
@@ -309,8 +311,10 @@ def mtp_loss(graphdef):
 
 # d_model 128: each head's unembedding brings a logsumexp over the vocabulary (elementwise, uncounted) that is
 # ~5% of the 2 * d * V matmul at d = 64.
-@pytest.mark.parametrize("d, variant, n", [(128, "parallel", 2), (128, "parallel", 4), (128, "sequential", 2),
-                                           (192, "sequential", 4)])
+# Parallel with 4 heads repeats parallel with 2 (sequential with 4 heads stays): slow only.
+@pytest.mark.parametrize("d, variant, n", [(128, "parallel", 2), pytest.param(128, "parallel", 4,
+                                                                              marks=pytest.mark.slow),
+                                           (128, "sequential", 2), (192, "sequential", 4)])
 def test_multi_token_loss_forward_matches_xla(d, variant, n):
   """The loss with every head's logits at once (``mtp_memory_efficient=False``: the memory-efficient loss runs
   the heads in a scan, which XLA would count once)."""

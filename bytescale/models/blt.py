@@ -383,7 +383,7 @@ class BLT(nnx.Module):
       else:
         buckets_BxTxN = hashing.ngram_buckets(bytes_BxT, segment_ids_BxT, c.hash_ngrams, c.hash_buckets)
       rows = buckets_BxTxN + jnp.arange(c.num_hash_tables, dtype=jnp.int32) * c.hash_buckets
-      x = x + jnp.sum(jnp.take(self.hash_table[...], rows, axis=0), axis=2)
+      x = x + hashing.embedding_sum(self.hash_table[...], rows)
     if c.hash_embedding_sum == "scaled":
       x = x * (1.0 + c.num_hash_tables) ** -0.5
     return x.astype(self.compute_dtype)
@@ -736,19 +736,19 @@ def _entropy_model_flops(config: BLTConfig, seq_len: int, **kw):
 
 # --- Presets ----------------------------------------------------------------------------------------------
 
-def _stack(d, layers, heads, window=None, rope_theta=10000.0, kv_heads=None, head_dim=None):
+def _stack(d, layers, heads, window=None, rope_theta=10000.0, kv_heads=None, head_dim=None, scan_layers=True):
   return TransformerConfig(
       d_model=d, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads or heads, head_dim=head_dim or d // heads,
-      mlp_hidden=swiglu_hidden(d), window=window, rope=rope.RopeConfig(rope_theta=rope_theta),
+      mlp_hidden=swiglu_hidden(d), window=window, rope=rope.RopeConfig(rope_theta=rope_theta), scan_layers=scan_layers,
   )
 
 
 def _blt(d_e, l_e, d_g, l_g, d_d, l_d, *, heads_e, heads_g, heads_d, window, buckets, seq,
-         ngrams=hashing.DEFAULT_NGRAMS, ratio=1.0, theta=10000.0, head_dim_g=None):
+         ngrams=hashing.DEFAULT_NGRAMS, ratio=1.0, theta=10000.0, head_dim_g=None, scan_layers=True):
   return BLTConfig(
-      encoder=_stack(d_e, l_e, heads_e, window=window, rope_theta=theta),
-      global_stack=_stack(d_g, l_g, heads_g, rope_theta=theta, head_dim=head_dim_g),
-      decoder=_stack(d_d, l_d, heads_d, window=window, rope_theta=theta),
+      encoder=_stack(d_e, l_e, heads_e, window=window, rope_theta=theta, scan_layers=scan_layers),
+      global_stack=_stack(d_g, l_g, heads_g, rope_theta=theta, head_dim=head_dim_g, scan_layers=scan_layers),
+      decoder=_stack(d_d, l_d, heads_d, window=window, rope_theta=theta, scan_layers=scan_layers),
       patching=PatchingConfig("entropy", max_patches_ratio=ratio),
       hash_ngrams=ngrams, hash_buckets=buckets, queries_per_patch=2, max_seq_len=seq,
   )
@@ -758,9 +758,10 @@ PRESETS = {
     # CPU seconds: a smoke-test size.
     "tiny": _blt(32, 1, 64, 2, 32, 2, heads_e=4, heads_g=4, heads_d=4, window=64, buckets=512, seq=256,
                  ngrams=(3, 4, 5), ratio=0.5),
-    # CPU minutes.
+    # CPU minutes. Layers in python loops: at depths 1, 4 and 2 compile time is no reason to scan, and a scanned
+    # stack's training step stacks every layer's residuals into buffers XLA zero-fills first (same results).
     "small": _blt(128, 1, 256, 4, 128, 2, heads_e=4, heads_g=8, heads_d=4, window=128, buckets=8192, seq=512,
-                  ratio=0.5),
+                  ratio=0.5, scan_layers=False),
     # The paper's shapes (l_E, h_E, l_G, h_G, l_D): 400M (1, 768, 24, 1280, 7); 1B (1, 1024, 25, 2048, 9).
     "400m": _blt(768, 1, 1280, 24, 768, 7, heads_e=12, heads_g=20, heads_d=12, window=512, buckets=500_002,
                  seq=8192, ratio=0.5, theta=500000.0),

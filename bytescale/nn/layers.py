@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -39,7 +40,14 @@ def dense(x, w, *, contract: int = 1):
 
 
 def rms_norm(x, scale, eps: float):
-  """RMSNorm in float32, cast back to the input dtype."""
+  """RMSNorm in float32, cast back to the input dtype. Under ``grad`` the backward pass recomputes it from ``x``
+  (elementwise, same values): the step does not keep the normalised copy of every normed activation (BLT
+  ``small``'s step: 702 -> 571 MB of XLA temporaries)."""
+  return _rms_norm(x, scale, float(eps))
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def _rms_norm(x, scale, eps: float):
   x32 = x.astype(jnp.float32)
   normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
   return (normed * scale).astype(x.dtype)
@@ -67,7 +75,15 @@ class SwiGLU(nnx.Module):
     x = x_BxTxD.astype(self.dtype)
     gate = dense(x, self.w_gate[...].astype(self.dtype))
     up = dense(x, self.w_up[...].astype(self.dtype))
-    return dense(jax.nn.silu(gate) * up, self.w_down[...].astype(self.dtype))
+    return _gated_down(gate, up, self.w_down[...].astype(self.dtype))
+
+
+@jax.checkpoint
+def _gated_down(gate, up, w_down):
+  """``dense(silu(gate) * up, w_down)``, its backward pass recomputing ``silu(gate) * up`` from ``gate`` and ``up``
+  (elementwise, same values) instead of keeping it and silu's intermediates: a training step then holds two
+  hidden-width arrays per layer fewer (BLT ``small``'s step: 863 -> 702 MB of XLA temporaries)."""
+  return dense(jax.nn.silu(gate) * up, w_down)
 
 
 class Embedding(nnx.Module):

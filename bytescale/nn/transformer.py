@@ -65,16 +65,19 @@ def scan_blocks(blocks: Block, config: TransformerConfig, layer, carry):
   """``carry = layer(block, carry)`` for every layer of the stacked ``blocks``, first to last.
 
   With ``config.scan_layers`` one ``lax.scan`` over the stacked parameters (compile time independent of depth),
-  else a python loop; each layer is rematerialised as ``config.remat`` says.
+  else a python loop; each layer is rematerialised as ``config.remat`` says. A single layer is never scanned: the
+  scan would only add what a scan costs under ``grad``, its residuals stacked into buffers XLA fills with zeros
+  before the loop writes them (BLT ``small``'s one-layer encoder).
   """
   graphdef, state = nnx.split(blocks)
+  scanned = config.scan_layers and config.num_layers > 1
 
   def body(carry, layer_state):
     return layer(nnx.merge(graphdef, layer_state), carry), None
 
   if config.remat != "none":
-    body = jax.checkpoint(body, policy=REMAT_POLICIES[config.remat], prevent_cse=not config.scan_layers)
-  if config.scan_layers:
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[config.remat], prevent_cse=not scanned)
+  if scanned:
     return jax.lax.scan(body, carry, state)[0]
   for i in range(config.num_layers):
     carry, _ = body(carry, jax.tree.map(lambda a, i=i: a[i], state))
