@@ -228,14 +228,21 @@ def _blocked_forward(layout: _BlockLayout, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, firs
   return _from_query_blocks(out, t, c).astype(q_BxTxHxK.dtype), lse_NxBxGxX
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _blocked_attention(layout, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT):
-  return _blocked_forward(layout, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT)[0]
+def _flash_gradient(forward, backward):
+  """``forward(layout, q, k, v, first) -> (out, lse)`` as a function of ``(layout, q, k, v, first)`` returning
+  ``out``, differentiated FlashAttention-2's way: the forward pass keeps ``(q, k, v, first, out, lse)`` and
+  ``backward(layout, residuals, dout)`` recomputes the probabilities from them."""
 
+  @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+  def attention(layout, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT):
+    return forward(layout, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT)[0]
 
-def _blocked_attention_fwd(layout, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT):
-  out_BxTxHxK, lse_NxBxGxX = _blocked_forward(layout, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT)
-  return out_BxTxHxK, (q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT, out_BxTxHxK, lse_NxBxGxX)
+  def attention_fwd(layout, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT):
+    out_BxTxHxK, lse_NxBxGxX = forward(layout, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT)
+    return out_BxTxHxK, (q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT, out_BxTxHxK, lse_NxBxGxX)
+
+  attention.defvjp(attention_fwd, backward)
+  return attention
 
 
 def _blocked_attention_bwd(layout, residuals, dout_BxTxHxK):
@@ -274,7 +281,7 @@ def _blocked_attention_bwd(layout, residuals, dout_BxTxHxK):
           _from_key_blocks(dv_NxBxGxCxK, t).astype(v_BxTxGxK.dtype), None)
 
 
-_blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
+_blocked_attention = _flash_gradient(_blocked_forward, _blocked_attention_bwd)
 
 
 # --- Banded schedule: a loop over query blocks, one softmax over each block's band of key blocks -------------
@@ -367,16 +374,6 @@ def _band_forward(layout: _BandLayout, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_Bx
   return _from_query_blocks(out_NxBxGxXxK, t, c).astype(q_BxTxHxK.dtype), jnp.concatenate([*lses, lse])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _banded_attention(layout, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT):
-  return _band_forward(layout, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT)[0]
-
-
-def _banded_attention_fwd(layout, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT):
-  out_BxTxHxK, lse_NxBxGxX = _band_forward(layout, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT)
-  return out_BxTxHxK, (q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, first_BxT, out_BxTxHxK, lse_NxBxGxX)
-
-
 def _banded_attention_bwd(layout, residuals, dout_BxTxHxK):
   """The same loop backwards in effect: each query block's dq, and its band's dk/dv added into row-long
   accumulators (updated in place by the loop)."""
@@ -425,7 +422,7 @@ def _banded_attention_bwd(layout, residuals, dout_BxTxHxK):
           unrow(dv_BxGxTxK, v_BxTxGxK), None)
 
 
-_banded_attention.defvjp(_banded_attention_fwd, _banded_attention_bwd)
+_banded_attention = _flash_gradient(_band_forward, _banded_attention_bwd)
 
 
 def segment_local_attention(q_BxNxHxK, k_BxTxHxK, v_BxTxHxK, mask: AttentionMask, *, scale: float | None = None):
