@@ -102,18 +102,3 @@ def test_hash_embeddings_match_plain_python(rng):
   assert_close(got, expected, atol=1e-5)
   assert model.hash_table.get_metadata()["out_sharding"] == ("hash_buckets", "embed")
 
-
-def test_embedding_sum_and_its_gradient_match_numpy(rng):
-  """Values and table gradient of the summed lookups against numpy (rows repeat: their gradients add up)."""
-  table = rng.normal(size=(13, 5)).astype(np.float32)
-  rows = rng.integers(0, 13, size=(2, 7, 3)).astype(np.int32)
-  rows[0, :4, :] = 2  # one row looked up many times, across positions and tables
-  cotangent = rng.normal(size=(2, 7, 5)).astype(np.float32)
-  loss = lambda t: jnp.sum(hashing.embedding_sum(t, jnp.asarray(rows)) * cotangent)  # noqa: E731
-  value, grad = jax.jit(jax.value_and_grad(loss))(jnp.asarray(table))
-  table64, cotangent64 = table.astype(np.float64), cotangent.astype(np.float64)
-  expected_grad = np.zeros_like(table64)
-  for index in np.ndindex(rows.shape):
-    expected_grad[rows[index]] += cotangent64[index[:2]]
-  assert_close(float(value), float(np.sum(table64[rows].sum(axis=2) * cotangent64)), atol=1e-4)
-  assert_close(grad, expected_grad, atol=1e-5)

@@ -383,7 +383,7 @@ class BLT(nnx.Module):
       else:
         buckets_BxTxN = hashing.ngram_buckets(bytes_BxT, segment_ids_BxT, c.hash_ngrams, c.hash_buckets)
       rows = buckets_BxTxN + jnp.arange(c.num_hash_tables, dtype=jnp.int32) * c.hash_buckets
-      x = x + hashing.embedding_sum(self.hash_table[...], rows)
+      x = x + jnp.sum(jnp.take(self.hash_table[...], rows, axis=0), axis=2)
     if c.hash_embedding_sum == "scaled":
       x = x * (1.0 + c.num_hash_tables) ** -0.5
     return x.astype(self.compute_dtype)

@@ -439,29 +439,26 @@ def segment_local_attention(q_BxNxHxK, k_BxTxHxK, v_BxTxHxK, mask: AttentionMask
   b, n, h, k = q_BxNxHxK.shape
   m, t = n // nq, k_BxTxHxK.shape[1]
   scale = k**-0.5 if scale is None else scale
-  # Heads before the segment's queries (``...HxQ...``) all through: every per-key product below then has its batch
-  # axes (b, t, h) leading in both operands and in its result, so none of the key-sized arrays is transposed
-  # (with ``...QxH...`` XLA copied three of them, each ``T x Q x H x K``).
-  q_BxMxHxQxK = q_BxNxHxK.reshape(b, m, nq, h, k).transpose(0, 1, 3, 2, 4)
+  q_BxMxQxHxK = q_BxNxHxK.reshape(b, m, nq, h, k)
   valid_BxM = mask.q_segment_ids_BxT[:, ::nq] != 0
   member_BxT = mask.kv_segment_ids_BxS != 0
   own_BxT = jnp.where(member_BxT, mask.kv_segment_ids_BxS - 1, 0)
   acc_dtype = jnp.promote_types(q_BxNxHxK.dtype, jnp.float32)
-  own_q_BxTxHxQxK = jax.vmap(lambda q, i: jnp.take(q, i, axis=0))(q_BxMxHxQxK, own_BxT)
-  scores_BxTxHxQ = jnp.einsum("bthqk,bthk->bthq", own_q_BxTxHxQxK, k_BxTxHxK, preferred_element_type=acc_dtype) * scale
+  own_q_BxTxQxHxK = jax.vmap(lambda q, i: jnp.take(q, i, axis=0))(q_BxMxQxHxK, own_BxT)
+  scores_BxTxQxH = jnp.einsum("btqhk,bthk->btqh", own_q_BxTxQxHxK, k_BxTxHxK, preferred_element_type=acc_dtype) * scale
   # One flat segment space: row b owns segments [b*(M+1), b*(M+1)+M]; the last one collects non-members.
   flat_N = (jnp.where(member_BxT, own_BxT, m) + jnp.arange(b)[:, None] * (m + 1)).reshape(-1)
-  scores_NxHxQ = scores_BxTxHxQ.reshape(b * t, h, nq)
+  scores_NxQxH = scores_BxTxQxH.reshape(b * t, nq, h)
   # The max only keeps exp() in range: its gradient cancels in the softmax, so none is taken through it.
-  segment_max = jax.ops.segment_max(jax.lax.stop_gradient(scores_NxHxQ), flat_N, b * (m + 1))
-  weights_NxHxQ = jnp.exp(scores_NxHxQ - segment_max[flat_N])
-  denominator = jax.ops.segment_sum(weights_NxHxQ, flat_N, b * (m + 1))  # >= 1 wherever a member key is
-  probs_NxHxQ = (weights_NxHxQ / denominator[flat_N]).astype(v_BxTxHxK.dtype)
-  weighted_NxHxQxK = jnp.einsum("nhq,nhk->nhqk", probs_NxHxQ, v_BxTxHxK.reshape(b * t, h, k),
+  segment_max = jax.ops.segment_max(jax.lax.stop_gradient(scores_NxQxH), flat_N, b * (m + 1))
+  weights_NxQxH = jnp.exp(scores_NxQxH - segment_max[flat_N])
+  denominator = jax.ops.segment_sum(weights_NxQxH, flat_N, b * (m + 1))  # >= 1 wherever a member key is
+  probs_NxQxH = (weights_NxQxH / denominator[flat_N]).astype(v_BxTxHxK.dtype)
+  weighted_NxQxHxK = jnp.einsum("nqh,nhk->nqhk", probs_NxQxH, v_BxTxHxK.reshape(b * t, h, k),
                                 preferred_element_type=acc_dtype)
-  out = jax.ops.segment_sum(weighted_NxHxQxK, flat_N, b * (m + 1)).reshape(b, m + 1, h, nq, k)[:, :m]
+  out = jax.ops.segment_sum(weighted_NxQxHxK, flat_N, b * (m + 1)).reshape(b, m + 1, nq, h, k)[:, :m]
   out = jnp.where(valid_BxM[:, :, None, None, None], out, 0.0)
-  return out.transpose(0, 1, 3, 2, 4).reshape(b, n, h, k).astype(q_BxNxHxK.dtype)
+  return out.reshape(b, n, h, k).astype(q_BxNxHxK.dtype)
 
 
 def resolve_impl(impl: str) -> str:

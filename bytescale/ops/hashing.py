@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import numbers
 
-import jax
 import jax.numpy as jnp
 
 from bytescale import vocab
@@ -230,30 +229,3 @@ def reference_ngram_bucket_python(window_oldest_first: list[int], prime: int, bu
   h = ((h + 2**63) % 2**64) - 2**63
   return h % buckets
 
-
-@jax.custom_vjp
-def embedding_sum(table_VxD, rows_BxTxN):
-  """``sum_n table[rows[..., n]]``: ``BxTxD``, the hash n-gram embeddings of every byte summed (one table for all
-  ``N`` hash tables, each in its own range of rows).
-
-  ``rows`` must lie in ``[0, V)`` (bucket ids do, by construction): the lookups skip the range check. The same
-  values as ``jnp.take(table, rows, axis=0).sum(axis=2)``, the gradient computed another way: the table's
-  gradient is ``N`` scatter-adds of the ``BxTxD`` cotangent into one buffer, where autodiff of the gather
-  materialised the cotangent broadcast to ``BxTxNxD`` and scattered that.
-  """
-  return jnp.sum(jnp.asarray(table_VxD).at[rows_BxTxN].get(mode="promise_in_bounds"), axis=2)
-
-
-def _embedding_sum_fwd(table_VxD, rows_BxTxN):
-  return embedding_sum(table_VxD, rows_BxTxN), (rows_BxTxN, jnp.zeros((0,) + table_VxD.shape, table_VxD.dtype))
-
-
-def _embedding_sum_bwd(residuals, d_BxTxD):
-  rows_BxTxN, like_0xVxD = residuals
-  d_table = jnp.zeros(like_0xVxD.shape[1:], like_0xVxD.dtype)
-  for n in range(rows_BxTxN.shape[-1]):
-    d_table = d_table.at[rows_BxTxN[..., n]].add(d_BxTxD.astype(d_table.dtype), mode="promise_in_bounds")
-  return d_table, None
-
-
-embedding_sum.defvjp(_embedding_sum_fwd, _embedding_sum_bwd)
