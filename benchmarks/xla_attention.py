@@ -3,12 +3,13 @@
   python benchmarks/xla_attention.py [--quick] [--rounds 3]
 
 ``dense``: ``attention_reference`` (materialises the ``TxT`` scores, masks them). ``blocked``:
-``blocked_packed_attention`` (packed rows: an online softmax over the diagonals of ``C x C`` blocks that the causal
-/ window mask leaves, see ``bytescale/ops/attention.py``). Both run the same masks on the same arrays, float32,
-forward and forward+backward, at the attention shapes of the models' ``small`` presets; then whole training steps
-of ByteLM and BLT ``small`` with each path (the dense one forced by a one-block ``packed_block_size``). Rounds
-alternate between the two paths so that both see the same machine; the table gives medians and the ratio. Results
-go to ``benchmarks/RESULTS_kernels.md`` (section "XLA attention: blocked vs dense").
+``blocked_packed_attention`` (packed rows, only the ``C x C`` blocks the causal / window mask leaves, see
+``bytescale/ops/attention.py``: for causal rows FlashAttention's loops over block pairs, for windows shorter than
+the row a scan over query blocks with one softmax per band of key blocks). Both run the same masks on the same
+arrays, float32, forward and forward+backward, at the attention shapes of the models' ``small`` presets; then whole
+training steps of ByteLM and BLT ``small`` with each path (the dense one forced by a one-block
+``packed_block_size``). Rounds alternate between the two paths so that both see the same machine; the table gives
+medians and the ratio. Results go to ``benchmarks/RESULTS_kernels.md`` (section "XLA attention: blocked vs dense").
 """
 
 from __future__ import annotations

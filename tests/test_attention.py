@@ -198,6 +198,33 @@ def test_banded_schedule_unrolled_equals_the_float64_loop_and_the_dense_gradient
     np.testing.assert_allclose(np.asarray(got_x), np.asarray(want_x), atol=2e-5, rtol=2e-4)
 
 
+@pytest.mark.parametrize("window", [None, 90])
+def test_loop_schedule_unrolled_equals_the_float64_loop_and_the_dense_gradients(window):
+  """Causal rows (or a window as long as the row) take the loop schedule, whose trip counts skip the blocks only
+  other documents or padding see; unrolled (as ``flops.xla_flops`` traces it) it visits every causal pair. Both
+  must give what the float64 loop gives, and the dense path's gradients."""
+  from bytescale.ops.attention import attention_reference, blocked_packed_attention
+
+  rng = np.random.default_rng(7)
+  b, t, h, g, d = 2, 70, 4, 2, 8  # blocks of 8: a ragged last block
+  seg = _packed_rows(rng, b, t, max_docs=4)
+  seg[1, 20:37] = 0  # two whole blocks of padding inside a row: no query there sees a key, no key there is seen
+  seg[1, 37:] = np.where(seg[1, 37:] != 0, seg[1, 37:] + 100, 0)  # a new document after it
+  q, k, v = (jnp.asarray(rng.normal(size=(b, t, n, d)), jnp.float32) for n in (h, g, g))
+  w = jnp.asarray(rng.normal(size=(b, t, h, d)), jnp.float32)
+  mask = AttentionMask.packed_row(jnp.asarray(seg), window=window)
+  pos = np.asarray(segment_positions(jnp.asarray(seg)))
+  expected = brute_force_attention(q, k, v, pos, pos, seg, seg, True, window, d**-0.5)
+  loss = lambda fn: lambda *a: jnp.sum(fn(*a) * w)  # noqa: E731
+  want = jax.jit(jax.grad(loss(lambda *a: attention_reference(*a, mask)), argnums=(0, 1, 2)))(q, k, v)
+  for unroll in (False, True):
+    blocked = lambda *a, unroll=unroll: blocked_packed_attention(*a, mask, block=8, unroll=unroll)  # noqa: E731
+    np.testing.assert_allclose(np.asarray(jax.jit(blocked)(q, k, v)), expected, atol=2e-5, rtol=2e-5)
+    got = jax.jit(jax.grad(loss(blocked), argnums=(0, 1, 2)))(q, k, v)
+    for got_x, want_x in zip(got, want):
+      np.testing.assert_allclose(np.asarray(got_x), np.asarray(want_x), atol=2e-5, rtol=2e-4)
+
+
 def test_packed_row_mask_is_the_self_attention_mask_of_contiguous_documents():
   seg = jnp.asarray([[1, 1, 2, 2, 2, 0], [3, 3, 3, 1, 1, 1]])
   packed = AttentionMask.packed_row(seg, window=2)
