@@ -581,6 +581,8 @@ class BLT(nnx.Module):
       closed_after = patch_at(total_B - 1)
     closing_B = closed_after - closed_before
 
+    global_layers = self.global_stack.layer_states()  # sliced outside the cond (see TransformerStack.layer_states)
+
     def run_global(operands):
       global_cache, slots = operands
       j = jnp.arange(n, dtype=jnp.int32)
@@ -589,7 +591,8 @@ class BLT(nnx.Module):
       patch_in = self.encode_patches(states_buf, jnp.where(member, relative, -1), j[None] < closing_B[:, None])
       patch_in = patch_in.astype(jnp.dtype(c.global_stack.dtype))
       # Rows append their closed patches at their own patch count; slots past it are rewritten later.
-      global_out, global_cache = self.global_stack.decode(patch_in, global_cache.replace(lengths_B=closed_before))
+      global_out, global_cache = self.global_stack.decode(patch_in, global_cache.replace(lengths_B=closed_before),
+                                                          layers=global_layers)
       slots = write_rows(slots, self.slot_vectors(global_out).astype(slots.dtype), closed_before + 1)
       return global_cache, slots
 

@@ -55,7 +55,7 @@ from bytescale.configs import TransformerConfig, check, swiglu_hidden
 from bytescale.models.base import ModelOutput
 from bytescale.nn import Embedding, RMSNorm, TransformerStack
 from bytescale.nn.layers import dense, param, scaled_normal, unembed
-from bytescale.nn.transformer import KVCache, scan_blocks, stacked_blocks
+from bytescale.nn.transformer import KVCache, layer_state, scan_blocks, stacked_blocks
 from bytescale.ops import patches as patch_ops
 from bytescale.ops.mask import AttentionMask, segment_positions
 from bytescale.ops.rows import write_rows
@@ -200,28 +200,27 @@ class LocalStack(nnx.Module):
     )
     graphdef, state = nnx.split(self.blocks)
 
-    def body(carry, inputs):
-      x, k_all, v_all = carry
-      index, layer_state = inputs
-
+    def layer(index: int, x, k_all, v_all):
       def attend(attention, h_BxNxD):
         q, key, value = attention.project(h_BxNxD, positions_BxN)
-        # The whole cache rides in the carry so that each layer updates it in place.
         k_new = k_all.at[index, rows_Bx1, positions_BxN].set(key.astype(k_all.dtype), mode="drop")
         v_new = v_all.at[index, rows_Bx1, positions_BxN].set(value.astype(v_all.dtype), mode="drop")
-        keys = k_new[index][rows_Bx1[..., None], window_slots_BxNxW].astype(attention.dtype)
-        values = v_new[index][rows_Bx1[..., None], window_slots_BxNxW].astype(attention.dtype)
+        keys = k_new[index, rows_Bx1[..., None], window_slots_BxNxW].astype(attention.dtype)
+        values = v_new[index, rows_Bx1[..., None], window_slots_BxNxW].astype(attention.dtype)
         out = attention.attend(
             q.reshape(b * n, 1, *q.shape[2:]), keys.reshape(b * n, r + p, *keys.shape[3:]),
             values.reshape(b * n, r + p, *values.shape[3:]), mask,
         )
         return out.reshape(b, n, -1), (k_new, v_new)
 
-      x, (k_all, v_all) = nnx.merge(graphdef, layer_state).apply_with(x, attend)
-      return (x, k_all, v_all), None
+      return nnx.merge(graphdef, layer_state(state, index)).apply_with(x, attend)
 
-    layers = jnp.arange(self.config.num_layers)
-    (x, k_all, v_all), _ = jax.lax.scan(body, (x_BxNxD, k_LxBxSxGxK, v_LxBxSxGxK), (layers, state))
+    # A python loop over the layers, as TransformerStack.decode: each layer's weights sliced at an index XLA cannot
+    # see (layer_state), so that a generation loop hoists the slices out of its body (a scan over the stacked
+    # weights copied every layer's weights at every step); the caches are updated in place.
+    x, k_all, v_all = x_BxNxD, k_LxBxSxGxK, v_LxBxSxGxK
+    for index in range(self.config.num_layers):
+      x, (k_all, v_all) = layer(index, x, k_all, v_all)
     return x, k_all, v_all
 
 
@@ -455,6 +454,8 @@ class MegaByte(nnx.Module):
     end_B = (o + lengths + n) // p + 1
     count = -(-n // p)
 
+    global_layers = self.global_stack.layer_states()  # sliced outside the cond (see TransformerStack.layer_states)
+
     def run_global(state):
       global_kv, context = state
       positions_BxM = first_new_B[:, None] + jnp.arange(count, dtype=jnp.int32)
@@ -463,7 +464,7 @@ class MegaByte(nnx.Module):
       source_ids = jnp.take_along_axis(byte_buffer, flat_source, axis=1)
       vectors = self._byte_vectors(source_ids, flat_source - o).reshape(b, count, p, -1)
       x = self._global_inputs(vectors, source_BxMxP >= o)
-      out, updated = self.global_stack.decode(x, global_kv.replace(lengths_B=first_new_B))
+      out, updated = self.global_stack.decode(x, global_kv.replace(lengths_B=first_new_B), layers=global_layers)
       new_context = self._contexts(out).reshape(b, count * p, -1).astype(context.dtype)
       return updated.replace(lengths_B=end_B), write_rows(context, new_context, first_new_B * p)
 

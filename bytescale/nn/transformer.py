@@ -159,17 +159,28 @@ class TransformerStack(nnx.Module):
                             regime_B=jnp.zeros((batch,), jnp.int32))
     return cache
 
-  def decode(self, x_BxNxD, cache: KVCache):
-    """Runs N new tokens per row through every layer, appending them to ``cache``.
+  def layer_states(self) -> list:
+    """Every layer's parameters sliced out of the stack (``layer_state``), for ``decode(..., layers=)``.
+
+    Slice them outside a ``lax.cond`` whose branch decodes: a generation loop hoists the slices in its body out of
+    the loop, but not those inside a cond's branch, which copied every layer's weights each time the branch ran
+    (MegaByte's and BLT's global models, once per completed patch)."""
+    _, state = nnx.split(self.blocks)
+    return [layer_state(state, i) for i in range(self.config.num_layers)]
+
+  def decode(self, x_BxNxD, cache: KVCache, layers: list | None = None):
+    """Runs N new tokens per row through every layer, appending them to ``cache``; ``layers``: the stack's
+    ``layer_states()`` when sliced elsewhere.
 
     A python loop over the layers (compile time grows with depth), each reading and updating its own cache
     buffers in place (see ``KVCache``)."""
-    graphdef, state = nnx.split(self.blocks)
+    graphdef, _ = nnx.split(self.blocks)
+    layers = self.layer_states() if layers is None else layers
 
     def run_layers(x, k_LxBxGxSxK, v_LxBxGxKxS, lengths_B, seq_len_B=None):
       keys, values = [], []
       for i in range(self.config.num_layers):
-        block = nnx.merge(graphdef, layer_state(state, i))
+        block = nnx.merge(graphdef, layers[i])
         x, k_cache, v_cache = block.decode(x, k_LxBxGxSxK[i], v_LxBxGxKxS[i], lengths_B, seq_len_B)
         keys.append(k_cache)
         values.append(v_cache)
