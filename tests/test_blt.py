@@ -178,6 +178,28 @@ def test_cached_decode_equals_forward(patcher, compiled, rng):
   assert np.asarray(cache.lengths_B).tolist() == [23, 23]
 
 
+def test_cached_decode_reads_recent_bytes_or_the_whole_buffer(compiled, rng, monkeypatch):
+  """A decode step encodes its closing patches from a window of the last ``DECODE_PATCH_WINDOW`` buffered bytes
+  when every one of them starts inside it, else from the whole buffer. With a window of 2 bytes both happen
+  along these pieces (1 byte at a time: patches of 1-2 bytes fit, longer ones do not; 9 at a time: several patches
+  close, the first well before the window); either way the logits are the forward pass's."""
+  from bytescale.models import blt as blt_module
+
+  monkeypatch.setattr(blt_module, "DECODE_PATCH_WINDOW", 2)
+  c = compiled["entropy"]
+  decode = jax.jit(lambda state, cache, ids: nnx.merge(c.graphdef, state).decode(cache, ids))  # traced with 2
+  ids = random_ids(rng, 2, 23)
+  full, patches = c.forward(*padded(list(ids)))
+  lengths = np.diff(np.flatnonzero(np.r_[np.asarray(patches.starts_BxT[0, :23]), True]))
+  assert lengths.max() > 2 and lengths.min() <= 2  # patches that fit the window and one that does not
+  cache = c.model.init_cache(2, 32)
+  pieces = []
+  for start, stop in PIECES:
+    out, cache = decode(c.state, cache, ids[:, start:stop])
+    pieces.append(np.asarray(out.logits_BxTxV))
+  assert_close(np.concatenate(pieces, axis=1), full[:, :23], atol=5e-5)
+
+
 def test_ragged_prefill_then_rollback_across_patches(compiled, rng):
   """Rows of different lengths through ``generate.prefill``; then a rollback over several patches and new bytes:
   every step equals the teacher-forced forward of the row as it stands."""

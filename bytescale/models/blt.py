@@ -18,8 +18,9 @@ Generation (``init_cache`` / ``decode`` / ``rollback``) keeps full-length byte b
 encoder states), byte-level KV caches for the entropy model, encoder and decoder, a KV cache over patches for
 the global model and the decoder's cross-attention keys/values per patch. A decode call recomputes the
 patches of the whole buffer (cheap, and causal, so earlier patches never change) and runs the global model
-only on the patches that closed in this call, under ``lax.cond`` so that a call where no row closed a patch
-skips it. Everything a byte contributed is indexed by position, so ``rollback`` is a pure length update.
+only on the patches that closed in this call, under ``lax.switch`` so that a call where no row closed a patch
+skips it (and one whose closing patches all started among the last ``DECODE_PATCH_WINDOW`` bytes encodes them
+from those bytes only, not the whole buffer). Everything a byte contributed is indexed by position, so ``rollback`` is a pure length update.
 """
 
 from __future__ import annotations
@@ -259,6 +260,10 @@ def layer_of(stacked: nnx.Module, index: int) -> nnx.Module:
 
 
 # --- Cache ------------------------------------------------------------------------------------------------
+
+# Bytes of the buffer a decode step's patch encoder reads when every closing patch starts among them (see decode).
+DECODE_PATCH_WINDOW = 64
+
 
 @struct.dataclass
 class BLTCache:
@@ -583,12 +588,25 @@ class BLT(nnx.Module):
 
     global_layers = self.global_stack.layer_states()  # sliced outside the cond (see TransformerStack.layer_states)
 
-    def run_global(operands):
+    # The closing patches' bytes are the last few of each row: encode_patches reads only a window of the last
+    # ``span`` bytes when every closing patch starts inside it (else the whole buffer), not every buffered byte's
+    # keys and values (two BxSxE projections per global step: most of a batch-8 decode step).
+    span = min(s, max(DECODE_PATCH_WINDOW, c.patching.max_patch_length or 0))
+    window_start_B = jnp.maximum(total_B - span, 0)
+    buffer_ids = patch_ids[:, :s]
+    first_closing_B = jnp.sum((buffer_ids >= 0) & (buffer_ids < closed_before[:, None]), axis=1)
+    fits = jnp.all((closing_B == 0) | (first_closing_B >= window_start_B))
+
+    def run_global(operands, windowed: bool):
       global_cache, slots = operands
       j = jnp.arange(n, dtype=jnp.int32)
-      relative = patch_ids[:, :s] - closed_before[:, None]
-      member = (patch_ids[:, :s] >= 0) & (relative >= 0) & (relative < closing_B[:, None])
-      patch_in = self.encode_patches(states_buf, jnp.where(member, relative, -1), j[None] < closing_B[:, None])
+      states, ids = states_buf, buffer_ids
+      if windowed:
+        index_BxW = window_start_B[:, None] + jnp.arange(span, dtype=jnp.int32)
+        states, ids = take_rows(states_buf, index_BxW), take_rows(buffer_ids, index_BxW)
+      relative = ids - closed_before[:, None]
+      member = (ids >= 0) & (relative >= 0) & (relative < closing_B[:, None])
+      patch_in = self.encode_patches(states, jnp.where(member, relative, -1), j[None] < closing_B[:, None])
       patch_in = patch_in.astype(jnp.dtype(c.global_stack.dtype))
       # Rows append their closed patches at their own patch count; slots past it are rewritten later.
       global_out, global_cache = self.global_stack.decode(patch_in, global_cache.replace(lengths_B=closed_before),
@@ -597,7 +615,9 @@ class BLT(nnx.Module):
       return global_cache, slots
 
     operands = (cache.global_cache, cache.slots_BxMxQxD)
-    global_cache, slots = jax.lax.cond(jnp.any(closing_B > 0), run_global, lambda ops: ops, operands)
+    branch = jnp.where(jnp.any(closing_B > 0), jnp.where(fits, 1, 2), 0)
+    global_cache, slots = jax.lax.switch(
+        branch, [lambda ops: ops, lambda ops: run_global(ops, True), lambda ops: run_global(ops, False)], operands)
 
     # Local decoder on the new bytes, each reading its slot (slot p: the global output of patch p-1). With
     # "completed_patch" the last byte reads as the forward pass's last byte would (``_last_byte_closes``), which a
