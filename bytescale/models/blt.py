@@ -20,7 +20,8 @@ the global model and the decoder's cross-attention keys/values per patch. A deco
 patches of the whole buffer (cheap, and causal, so earlier patches never change) and runs the global model
 only on the patches that closed in this call, under ``lax.switch`` so that a call where no row closed a patch
 skips it (and one whose closing patches all started among the last ``DECODE_PATCH_WINDOW`` bytes encodes them
-from those bytes only, not the whole buffer). Everything a byte contributed is indexed by position, so ``rollback`` is a pure length update.
+from those bytes only, not the whole buffer). Everything a byte contributed is indexed by position, so
+``rollback`` is a pure length update.
 """
 
 from __future__ import annotations
