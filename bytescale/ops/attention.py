@@ -138,13 +138,11 @@ def blocked_packed_attention(q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, mask: AttentionMas
 
 
 class _BlockLayout(NamedTuple):
-  """The static part of the loop schedule: block length, score scale, window, whether the loops are unrolled,
-  and (set by each loop) whether its inner blocks are key blocks."""
+  """The static part of the loop schedule: block length, score scale, window, whether the loops are unrolled."""
   block: int
   scale: float
   window: int | None
   unroll: bool = False
-  keys_inner: bool = True
 
 
 def _first_visible_key(positions_BxT, segment_ids_BxT, window: int | None):
@@ -205,7 +203,7 @@ def _pair_visible(first_BxC, query_start, key_start, c: int, r: int):
   return ((key_C >= first_BxX[..., None]) & (key_C <= query_X[:, None]))[:, None]
 
 
-def _key_block_ranges(layout: _BlockLayout, first_NxBxC):
+def _key_block_ranges(first_NxBxC):
   """Per query block, the first key block any of its queries sees (``lo``); per key block, the last query block
   with a query that sees it (``hi``). Padding sees nothing, so a block of padding gets an empty range."""
   n, _, c = first_NxBxC.shape
@@ -218,8 +216,9 @@ def _key_block_ranges(layout: _BlockLayout, first_NxBxC):
   return lo_N, jnp.where(last_query_N >= 0, last_query_N // c, -1)
 
 
-def _pairs(layout: _BlockLayout, n: int, outer: int, lo, hi, body, carry):
-  """``carry = body(inner, carry)`` for the inner blocks ``lo..hi`` that the mask can reach from block ``outer``.
+def _pairs(layout: _BlockLayout, n: int, outer: int, lo, hi, body, carry, *, keys_inner: bool):
+  """``carry = body(inner, carry)`` for the inner blocks ``lo..hi`` that the mask can reach from block ``outer``
+  (key blocks of a query block if ``keys_inner``, else query blocks of a key block).
 
   A loop with a traced trip count (blocks that only padding or other documents see are skipped); unrolled
   (``layout.unroll``, for XLA's cost analysis) it visits every pair the causal/window mask allows, statically."""
@@ -227,7 +226,7 @@ def _pairs(layout: _BlockLayout, n: int, outer: int, lo, hi, body, carry):
     return jax.lax.fori_loop(lo, hi + 1, body, carry)
   span = n - 1 if layout.window is None else min(n - 1, (layout.window + layout.block - 2) // layout.block)
   # ``lo``/``hi`` are traced here; the static range is the one the causal/window mask allows (``flops.xla_keys``).
-  inner = range(max(0, outer - span), outer + 1) if layout.keys_inner else range(outer, min(n, outer + span + 1))
+  inner = range(max(0, outer - span), outer + 1) if keys_inner else range(outer, min(n, outer + span + 1))
   for i in inner:
     carry = body(jnp.int32(i), carry)
   return carry
@@ -248,7 +247,7 @@ def _blocked_forward(layout: _BlockLayout, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, firs
   q_NxBxGxXxK = _query_blocks(q_BxTxHxK, g, c)
   k_NxBxGxCxK, v_NxBxGxCxK = _key_blocks(k_BxTxGxK, c), _key_blocks(v_BxTxGxK, c)
   first_NxBxC = _loop_blocks(first_BxT, c)
-  lo_N, _ = _key_block_ranges(layout, first_NxBxC)
+  lo_N, _ = _key_block_ranges(first_NxBxC)
 
   def query_block(i, q_BxGxXxK, first_BxC):
     def pair(j, carry):
@@ -266,7 +265,7 @@ def _blocked_forward(layout: _BlockLayout, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, firs
 
     m0 = jnp.full(q_BxGxXxK.shape[:-1], _NO_SCORE, acc_dtype)
     carry = (m0, jnp.zeros_like(m0), jnp.zeros(q_BxGxXxK.shape, acc_dtype))
-    m_BxGxX, l_BxGxX, acc_BxGxXxK = _pairs(layout._replace(keys_inner=True), n, i, lo_N[i], i, pair, carry)
+    m_BxGxX, l_BxGxX, acc_BxGxXxK = _pairs(layout, n, i, lo_N[i], i, pair, carry, keys_inner=True)
     seen = l_BxGxX > 0
     out = acc_BxGxXxK / jnp.where(seen, l_BxGxX, 1.0)[..., None]
     return out, jnp.where(seen, m_BxGxX + jnp.log(jnp.where(seen, l_BxGxX, 1.0)), 0.0)
@@ -310,7 +309,7 @@ def _blocked_attention_bwd(layout, residuals, dout_BxTxHxK):
   q_NxBxGxXxK, do_NxBxGxXxK = _query_blocks(q_BxTxHxK, g, c), _query_blocks(dout_BxTxHxK, g, c)
   k_NxBxGxCxK, v_NxBxGxCxK = _key_blocks(k_BxTxGxK, c), _key_blocks(v_BxTxGxK, c)
   first_NxBxC = _loop_blocks(first_BxT, c)
-  _, hi_N = _key_block_ranges(layout, first_NxBxC)
+  _, hi_N = _key_block_ranges(first_NxBxC)
   # rowsum(dO * O): the softmax Jacobian's correction term, one per query.
   delta_BxTxHx1 = jnp.sum(dout_BxTxHxK.astype(acc_dtype) * out_BxTxHxK.astype(acc_dtype), axis=-1, keepdims=True)
   delta_NxBxGxX = _query_blocks(delta_BxTxHx1, g, c)[..., 0]
@@ -335,7 +334,7 @@ def _blocked_attention_bwd(layout, residuals, dout_BxTxHxK):
       return dq_NxBxGxXxK, dkt_BxGxKxC, dvt_BxGxKxC
 
     zeros = jnp.zeros(k_BxGxCxK.shape[:2] + (kd, c), acc_dtype)
-    return _pairs(layout._replace(keys_inner=False), n, j, j, hi_N[j], pair, (dq_NxBxGxXxK, zeros, zeros))
+    return _pairs(layout, n, j, j, hi_N[j], pair, (dq_NxBxGxXxK, zeros, zeros), keys_inner=False)
 
   dq_NxBxGxXxK = jnp.zeros(q_NxBxGxXxK.shape, acc_dtype)
   if layout.unroll:
