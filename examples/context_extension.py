@@ -25,12 +25,17 @@ from bytescale.generate import SamplingConfig, generate
 from bytescale.ops import rope
 from bytescale.train.loop import train
 
-DEFAULT_DATA = "/work/shared/data/tinyshakespeare.txt"
+# shared/data/tinyshakespeare.txt beside this checkout (never one machine's absolute path); where it is absent
+# the default corpus is this Python's standard library (--data picks any file).
+DEFAULT_DATA = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
+                                       "tinyshakespeare.txt"))
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data", default=DEFAULT_DATA if os.path.exists(DEFAULT_DATA) else "stdlib")
+  parser.add_argument("--data", default=DEFAULT_DATA if os.path.exists(DEFAULT_DATA) else "stdlib",
+                      help="corpus: a file, directory, glob or 'stdlib' (default: ../shared/data/tinyshakespeare.txt "
+                      "beside the checkout where present, else stdlib)")
   parser.add_argument("--length", type=int, default=64, help="training context L in bytes")
   parser.add_argument("--steps", type=int, default=500)
   parser.add_argument("--out", default="runs/context_extension")

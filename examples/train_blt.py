@@ -28,12 +28,17 @@ from bytescale.generate import SamplingConfig, generate
 from bytescale.train.checkpoint import load_entropy_model
 from bytescale.train.loop import train
 
-SHAKESPEARE = "/work/shared/data/tinyshakespeare.txt"
+# shared/data/tinyshakespeare.txt beside this checkout (never one machine's absolute path); where it is absent
+# the default corpus is this Python's standard library (--data picks any file).
+SHAKESPEARE = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data",
+                                       "tinyshakespeare.txt"))
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data", default=SHAKESPEARE if os.path.exists(SHAKESPEARE) else "stdlib")
+  parser.add_argument("--data", default=SHAKESPEARE if os.path.exists(SHAKESPEARE) else "stdlib",
+                      help="corpus: a file, directory, glob or 'stdlib' (default: ../shared/data/tinyshakespeare.txt "
+                      "beside the checkout where present, else stdlib)")
   parser.add_argument("--out", default="runs/blt_example")
   parser.add_argument("--entropy-steps", type=int, default=300)
   parser.add_argument("--blt-steps", type=int, default=300)
